@@ -1,0 +1,168 @@
+"""The table-free decoder (SPEC 1.2) in plain PyTorch, readable in one sitting.
+
+The input vector of token t is `lift(t)`, not a row of a table. Everything after it is a
+pre-norm GPT block with rotary positions. The KV cache is explicit: `forward` takes the past
+keys/values per layer and returns the present ones, so one function serves prefill and decode,
+exactly like the exported graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .lift import lift
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm, bias optional (detected from the checkpoint's weights)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind, self.eps = cfg.norm_type, cfg.layer_norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(cfg.hidden_size)) if cfg.norm_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return y if self.bias is None else y + self.bias
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angles from position ids: [B, S] -> cos, sin of shape [B, 1, S, head_size/2]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    angles = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq
+    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str) -> torch.Tensor:
+    """Rotate pairs of x [B, H, S, hs]: (i, i + hs/2) for rotate_half, (2i, 2i+1) for interleaved."""
+    if pairing == "rotate_half":
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, bias = cfg.hidden_size, cfg.attention_bias
+        self.heads, self.head_size, self.pairing = cfg.num_attention_heads, cfg.head_size, cfg.rope_pairing
+        self.q_proj = nn.Linear(d, d, bias=bias)
+        self.k_proj = nn.Linear(d, d, bias=bias)
+        self.v_proj = nn.Linear(d, d, bias=bias)
+        self.o_proj = nn.Linear(d, d, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                past: KV | None) -> tuple[torch.Tensor, KV]:
+        B, S, _ = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, S, self.heads, self.head_size).transpose(1, 2)
+
+        q = apply_rope(split(self.q_proj(x)), cos, sin, self.pairing)
+        k = apply_rope(split(self.k_proj(x)), cos, sin, self.pairing)
+        v = split(self.v_proj(x))
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_size)) + bias
+        y = torch.softmax(scores, dim=-1) @ v
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.approximate = "tanh" if cfg.hidden_act == "gelu_tanh" else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1, self.attn = Norm(cfg), Attention(cfg)
+        self.ln2, self.mlp = Norm(cfg), MLP(cfg)
+
+    def forward(self, x, cos, sin, bias, past: KV | None) -> tuple[torch.Tensor, KV]:
+        a, present = self.attn(self.ln1(x), cos, sin, bias, past)
+        h = x + a
+        return h + self.mlp(self.ln2(h)), present
+
+
+class Code(nn.Module):
+    """Holds A and b as uint8 buffers so they travel in the state dict as code.A / code.b."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.code
+        self.register_buffer("A", torch.as_tensor(cfg.code.A, dtype=torch.uint8).clone())
+        self.register_buffer("b", torch.as_tensor(cfg.code.b, dtype=torch.uint8).clone())
+
+    def forward(self, ids: torch.Tensor, width: int) -> torch.Tensor:
+        return lift(ids, self.cfg, width, self.A, self.b)
+
+
+def attention_bias(attention_mask: torch.Tensor, past_len: int, seq_len: int) -> torch.Tensor:
+    """[B, P+S] 0/1 mask -> additive [B, 1, S, P+S] bias: causal and padding in one tensor.
+
+    Masked entries get the dtype's minimum, not -inf, so a fully padded row stays finite.
+    """
+    total = attention_mask.shape[-1]
+    q_pos = torch.arange(seq_len, device=attention_mask.device).unsqueeze(-1) + past_len
+    k_pos = torch.arange(total, device=attention_mask.device).unsqueeze(0)
+    allowed = (k_pos <= q_pos).unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+    zero = torch.zeros((), dtype=torch.float32)
+    neg = torch.tensor(torch.finfo(torch.float32).min, dtype=torch.float32)
+    return torch.where(allowed, zero, neg).unsqueeze(1)
+
+
+def default_position_ids(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Positions count only attended tokens, so a left-padded row matches the same row alone."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)[:, -seq_len:]
+
+
+class TableFreeLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.code = Code(cfg)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.ln_f = Norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.code(input_ids, self.cfg.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: list[KV] | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV]]:
+        """Logits [B, S, V] and the present cache (one (k, v) per layer, [B, H, P+S, hs])."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S, _ = x.shape
+        P = 0 if not past_key_values else past_key_values[0][0].shape[2]
+        if attention_mask is None:
+            attention_mask = torch.ones(B, P + S, dtype=torch.int64, device=x.device)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, S)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_size, self.cfg.rope_theta)
+        bias = attention_bias(attention_mask, P, S)
+        presents: list[KV] = []
+        for i, layer in enumerate(self.layers):
+            x, present = layer(x, cos, sin, bias, past_key_values[i] if past_key_values else None)
+            presents.append(present)
+        return self.lm_head(self.ln_f(x)), presents

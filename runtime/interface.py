@@ -1,0 +1,54 @@
+"""The artifact contract shared by the exporter (which writes it) and the runtime (which reads it).
+
+It lives in `runtime` because the runtime depends on nothing else of the project; the exporter
+imports these names from here, so each name, file name and the format version exist once.
+"""
+from __future__ import annotations
+
+FORMAT_NAME = "tablefree-onnx-artifact"
+FORMAT_VERSION = 1
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+GENAI_CONFIG_FILE = "genai_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+
+PAST_KEY = "past_key_values.{i}.key"
+PAST_VALUE = "past_key_values.{i}.value"
+PRESENT_KEY = "present.{i}.key"
+PRESENT_VALUE = "present.{i}.value"
+
+LIFT_MODES = ("bitwise", "arith", "lookup")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+def past_names(num_layers: int) -> list[str]:
+    """past_key_values.{i}.key / .value for every layer, in graph input order."""
+    out: list[str] = []
+    for i in range(num_layers):
+        out += [PAST_KEY.format(i=i), PAST_VALUE.format(i=i)]
+    return out
+
+
+def present_names(num_layers: int) -> list[str]:
+    """present.{i}.key / .value for every layer, in graph output order."""
+    out: list[str] = []
+    for i in range(num_layers):
+        out += [PRESENT_KEY.format(i=i), PRESENT_VALUE.format(i=i)]
+    return out
+
+
+def input_names(num_layers: int) -> list[str]:
+    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past_names(num_layers)]
+
+
+def output_names(num_layers: int) -> list[str]:
+    return [LOGITS, *present_names(num_layers)]
