@@ -1,2 +1,32 @@
 """ONNX Runtime generation loop for exported table-free models. Needs numpy, onnxruntime and
-tokenizers only; it never imports torch."""
+tokenizers only; it never imports torch.
+
+    import runtime
+    model = runtime.load("artifacts/tiny")
+    print(model.generate("Hello", max_new_tokens=32).text)
+"""
+from .errors import (
+    ArtifactVersionError,
+    ContextLengthError,
+    InputError,
+    MissingDependencyError,
+    ProviderError,
+    RuntimeArtifactError,
+    TableFreeRuntimeError,
+)
+from .model import ForwardOutput, GenerationResult, Model, ScoreResult, load
+
+__all__ = [
+    "load",
+    "Model",
+    "GenerationResult",
+    "ScoreResult",
+    "ForwardOutput",
+    "TableFreeRuntimeError",
+    "RuntimeArtifactError",
+    "ArtifactVersionError",
+    "InputError",
+    "ContextLengthError",
+    "ProviderError",
+    "MissingDependencyError",
+]

@@ -1,0 +1,221 @@
+"""How much time the runtime's generation loop adds on top of ONNX Runtime itself, during decode.
+
+For the same prompt and the same tokens (greedy, N steps), three loops are timed, interleaved and
+repeated, medians kept:
+  generate   runtime.Model.generate: checks, IO binding, argmax, stop logic, text decode
+  bare_iob   the minimum with the same mechanism: bind, Run, read logits (tokens known in advance)
+  bare_run   plain `session.run` with numpy in and out (the cache copied through numpy every step)
+overhead = (generate - bare) / generate, against each bare loop. Target: <= 3 % of decode time.
+
+Artifacts: the tiny one (built here with the exporter when torch is installed, or --model DIR),
+plus every artifact folder found under benchmarks/cache/ (a full-size export, when one exists).
+
+    .venv/bin/python benchmarks/runtime_overhead.py [--model DIR ...] [--steps 64] [--repeats 7]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import runtime  # noqa: E402
+from runtime import interface as I  # noqa: E402
+
+
+def tiny_artifact(work: Path) -> Path:
+    """Export the tests' tiny checkpoint shape (V 65,536, d 64, 2 layers) in bitwise mode."""
+    from export.build import build
+    from reference.config import CodeConfig, tiny_config
+    from reference.factory import make_checkpoint
+    from reference.lift import random_invertible_gf2
+
+    A, b = random_invertible_gf2(16, seed=1)
+    ckpt = make_checkpoint(work / "ckpt", tiny_config(code=CodeConfig(A=A, b=b)), seed=0)
+    return build(ckpt, work / "tiny-bitwise", code="bitwise", log=lambda m: None)
+
+
+def bare_iob(m: runtime.Model, prompt: list[int], tokens: list[int]) -> float:
+    """The ORT work alone: the same Runs through IO binding, nothing else."""
+    ort, sess = m._ort, m.session
+    past_names, out_names = I.past_names(m.num_layers), I.output_names(m.num_layers)
+    S = len(prompt)
+    ids = np.asarray([prompt], np.int64)
+    mask = np.ones((1, S + len(tokens)), np.int64)
+    t0 = time.perf_counter()
+    b = sess.io_binding()
+    b.bind_cpu_input(I.INPUT_IDS, ids)
+    b.bind_cpu_input(I.ATTENTION_MASK, mask[:, :S])
+    b.bind_cpu_input(I.POSITION_IDS, np.arange(S, dtype=np.int64)[None])
+    z = np.zeros((1, m.num_heads, 0, m.head_size), m.past_dtype)
+    for n in past_names:
+        b.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(z))
+    for n in out_names:
+        b.bind_output(n, "cpu")
+    sess.run_with_iobinding(b)
+    out = b.get_outputs()
+    out[0].numpy()
+    for step, t in enumerate(tokens[:-1]):
+        b = sess.io_binding()
+        b.bind_cpu_input(I.INPUT_IDS, np.asarray([[t]], np.int64))
+        b.bind_cpu_input(I.ATTENTION_MASK, mask[:, : S + step + 1])
+        b.bind_cpu_input(I.POSITION_IDS, np.asarray([[S + step]], np.int64))
+        for n, v in zip(past_names, out[1:]):
+            b.bind_ortvalue_input(n, v)
+        for n in out_names:
+            b.bind_output(n, "cpu")
+        sess.run_with_iobinding(b)
+        out = b.get_outputs()
+        out[0].numpy()
+    return time.perf_counter() - t0
+
+
+def bare_run(m: runtime.Model, prompt: list[int], tokens: list[int]) -> float:
+    """Plain session.run with numpy: what a first attempt looks like (the cache copied each step)."""
+    sess = m.session
+    past_names = I.past_names(m.num_layers)
+    S = len(prompt)
+    z = np.zeros((1, m.num_heads, 0, m.head_size), m.past_dtype)
+    t0 = time.perf_counter()
+    feed = {I.INPUT_IDS: np.asarray([prompt], np.int64), I.ATTENTION_MASK: np.ones((1, S), np.int64),
+            I.POSITION_IDS: np.arange(S, dtype=np.int64)[None], **{n: z for n in past_names}}
+    out = sess.run(None, feed)
+    for step, t in enumerate(tokens[:-1]):
+        feed = {I.INPUT_IDS: np.asarray([[t]], np.int64), I.ATTENTION_MASK: np.ones((1, S + step + 1), np.int64),
+                I.POSITION_IDS: np.asarray([[S + step]], np.int64), **dict(zip(past_names, out[1:]))}
+        out = sess.run(None, feed)
+    return time.perf_counter() - t0
+
+
+class TimedSession:
+    """Delegates to the real session and adds up the seconds spent inside Run calls."""
+
+    def __init__(self, sess):
+        self._sess, self.run_s = sess, 0.0
+
+    def run_with_iobinding(self, binding, *a):
+        t0 = time.perf_counter()
+        self._sess.run_with_iobinding(binding, *a)
+        self.run_s += time.perf_counter() - t0
+
+    def __getattr__(self, name):
+        return getattr(self._sess, name)
+
+
+def inline_overhead(m: runtime.Model, prompt: list[int], kw: dict, repeats: int) -> float:
+    """Share of generate's wall time spent outside ORT's Run, measured within the same calls
+    (so other processes' noise hits both sides alike). Binding and the logits copy count as overhead."""
+    real = m.session
+    shares = []
+    try:
+        for _ in range(repeats):
+            m.session = timed = TimedSession(real)
+            t0 = time.perf_counter()
+            m.generate(prompt, **kw)
+            total = time.perf_counter() - t0
+            shares.append((total - timed.run_s) / total)
+    finally:
+        m.session = real
+    return statistics.median(shares)
+
+
+def measure(folder: Path, steps: int, repeats: int, threads: int | None) -> dict:
+    m = runtime.load(folder, provider="cpu", threads=threads)
+    steps = min(steps, m.context_length - 8)
+    prompt = list(range(65, 73))  # 8 tokens: the prefill is small and identical in every loop
+    tokens = m.generate(prompt, max_new_tokens=steps).ids
+    kw = dict(max_new_tokens=steps)
+    if len(tokens) < steps:  # an end token came early: ban it so every loop runs the same steps
+        kw["min_new_tokens"] = steps
+        tokens = m.generate(prompt, **kw).ids
+
+    def gen() -> float:
+        t0 = time.perf_counter()
+        r = m.generate(prompt, **kw)
+        dt = time.perf_counter() - t0
+        assert r.ids == tokens, "generate is not deterministic: the comparison would be meaningless"
+        return dt
+
+    loops = {"generate": gen, "bare_iob": lambda: bare_iob(m, prompt, tokens), "bare_run": lambda: bare_run(m, prompt, tokens)}
+    for f in loops.values():  # warm up: first-run allocations and thread pools
+        f()
+    times: dict[str, list[float]] = {k: [] for k in loops}
+    for _ in range(repeats):
+        for k, f in loops.items():
+            times[k].append(f())
+    inline = inline_overhead(m, prompt, kw, repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}  # least disturbed by other processes
+    g = med["generate"]
+    return {
+        "artifact": str(folder),
+        "provider": m.provider,
+        "threads": threads,
+        "steps": len(tokens),
+        "params_hidden": m.info.config["hidden_size"],
+        "layers": m.num_layers,
+        "median_s": med,
+        "ms_per_token": {k: 1e3 * v / len(tokens) for k, v in med.items()},
+        "overhead_outside_run": inline,
+        "overhead_vs_bare_iob": (g - med["bare_iob"]) / g,
+        "overhead_vs_bare_run": (g - med["bare_run"]) / g,
+        "overhead_vs_bare_iob_min": (best["generate"] - best["bare_iob"]) / best["generate"],
+        "overhead_vs_bare_run_min": (best["generate"] - best["bare_run"]) / best["generate"],
+        "spread_generate": (max(times["generate"]) - min(times["generate"])) / g,
+        "all_s": times,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", action="append", type=Path, default=[], help="artifact folder (repeatable)")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "runtime_overhead.json")
+    args = ap.parse_args()
+    folders = list(args.model)
+    tmp = None
+    if not folders:
+        tmp = tempfile.TemporaryDirectory()
+        folders.append(tiny_artifact(Path(tmp.name)))
+    cache = HERE / "cache"
+    if cache.is_dir():
+        folders += sorted(p.parent for p in cache.glob("**/" + I.MANIFEST_FILE))
+    rows = []
+    for f in folders:
+        print(f"[bench] {f}", file=sys.stderr, flush=True)
+        rows.append(measure(f, args.steps, args.repeats, args.threads))
+    print(f"{'artifact':<28} {'steps':>5} {'generate':>10} {'bare_iob':>10} {'bare_run':>10} {'ovh/iob':>8} {'ovh/run':>8}"
+          f" {'ovh/iob':>8} {'ovh/run':>8} {'outside':>8}")
+    print(f"{'':<28} {'':>5} {'ms/token':>10} {'ms/token':>10} {'ms/token':>10} {'median':>8} {'median':>8}"
+          f" {'best':>8} {'best':>8} {'Run':>8}")
+    for r in rows:
+        t = r["ms_per_token"]
+        print(f"{Path(r['artifact']).name[:28]:<28} {r['steps']:>5} {t['generate']:>10.3f} {t['bare_iob']:>10.3f} "
+              f"{t['bare_run']:>10.3f} {100 * r['overhead_vs_bare_iob']:>7.2f}% {100 * r['overhead_vs_bare_run']:>7.2f}%"
+              f" {100 * r['overhead_vs_bare_iob_min']:>7.2f}% {100 * r['overhead_vs_bare_run_min']:>7.2f}%"
+              f" {100 * r['overhead_outside_run']:>7.2f}%")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_name(args.out.name + ".tmp")
+    tmp_out.write_text(json.dumps({"host": platform.node(), "python": platform.python_version(),
+                                   "onnxruntime": __import__("onnxruntime").__version__,
+                                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": rows}, indent=2))
+    tmp_out.replace(args.out)
+    print(f"[bench] wrote {args.out}", file=sys.stderr)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""`python -m export build ...`: the exporter's command line. Errors: one line, exit status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from runtime.interface import LIFT_MODES, PRECISIONS
+
+DESCRIPTION = """\
+Export a table-free language model checkpoint to a verified ONNX artifact folder:
+model.onnx + model.onnx.data (the lift - token id -> fixed binary code - is inside the graph),
+config.json, generation_config.json, tokenizer files, genai_config.json and manifest.json with
+the parity report. The artifact runs with onnxruntime alone."""
+
+EPILOG = """\
+lift modes (--code):
+  bitwise  BitShift + BitwiseAnd on the id; smallest graph; ONNX Runtime runs these on the CPU provider only
+  arith    integer Div/Mod on the id; runs on every execution provider (use it for cuda)
+  lookup   Gather from a constant table of the V recoded K-bit codes (V*K bits), then unpack; every provider
+
+precisions (--precision):
+  fp32     exact: logits within 1e-4 of max|logit|, greedy token-exact, checked by the parity gate
+  fp16     half the size, meant for CUDA; LayerNorm/softmax/residual kept in fp32
+  int8     dynamic int8 MatMul weights (CPU); held to the int8 quality floor
+  int4     weight-only int4 MatMulNBits; smallest; held to the int4 quality floor
+
+lift conventions (SPEC 1.1; defaults come from the checkpoint's config.json):
+  --bit-order lsb_first|msb_first, --values zero_one|plus_minus_one, --tiling repeat|interleave, --scale X
+  override them at export; the artifact records what it used.
+
+exit status: 0 written and verified; 2 bad input or failed parity gate (nothing replaced at --out).
+"""
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="command", metavar="build")
+    b = sub.add_parser("build", help="export a checkpoint to an artifact folder", description=DESCRIPTION,
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--model", metavar="PATH|HUB_ID",
+                   help="checkpoint folder (config.json + *.safetensors + tokenizer files) or a Hugging Face hub id "
+                        "OWNER/NAME (fetched without pickles; needs network). Default: the embedded demo model models/shakespeare")
+    b.add_argument("--out", metavar="DIR", help="artifact folder to write. Default: artifacts/<model-name>-<code>-<precision>")
+    b.add_argument("--code", choices=LIFT_MODES, default="bitwise", help="how the graph computes the lift (see below). Default: bitwise")
+    b.add_argument("--precision", choices=PRECISIONS, default="fp32", help="weight precision (see below). Default: fp32")
+    b.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                   help="execution provider the artifact targets and is verified on (cuda: verified there when "
+                        "onnxruntime-gpu is installed, else on cpu with a warning). Default: cpu")
+    b.add_argument("--opset", type=int, default=None, help="ONNX opset (18..23). Default: 21, loads in onnxruntime >= 1.17")
+    b.add_argument("--trust-remote-code", action="store_true",
+                   help="allow running the checkpoint folder's own Python code (needs transformers) to compare it with the reference")
+    b.add_argument("--key-map", metavar="FILE", help="JSON object mapping the checkpoint's tensor names to ours (SPEC 2), for foreign checkpoints")
+    b.add_argument("--force", action="store_true", help="replace an existing --out (only after the new artifact passed the gate)")
+    b.add_argument("--no-verify", action="store_true", help="skip the parity gate (the manifest then says it was skipped)")
+    b.add_argument("--bit-order", choices=("lsb_first", "msb_first"), help="override the code's bit order")
+    b.add_argument("--values", choices=("zero_one", "plus_minus_one"), help="override the code's value map")
+    b.add_argument("--tiling", choices=("repeat", "interleave"), help="override how the K code values tile the width d")
+    b.add_argument("--scale", type=float, help="override the code's scale factor")
+    b.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command != "build":
+        parser.print_help(sys.stderr)
+        return 2
+    from .build import build, stderr_log
+    from .errors import ExportError
+
+    try:
+        build(args.model, args.out, code=args.code, precision=args.precision, provider=args.provider,
+              opset=args.opset, force=args.force, verify=not args.no_verify, key_map=args.key_map,
+              trust_remote_code=args.trust_remote_code, log=stderr_log, bit_order=args.bit_order,
+              values=args.values, tiling=args.tiling, scale=args.scale)
+    except ExportError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written to --out", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""`build()`: a checkpoint folder (or hub id) -> a verified artifact folder, in named, timed stages.
+
+Stages: check arguments, load, trace, graph passes, lift, precision, save, verify, manifest. All
+cheap argument checks come first so a bad invocation fails in well under a second. The artifact
+is assembled in a temporary sibling of `out` and renamed into place only when the gate passed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from runtime.interface import DATA_FILE, LIFT_MODES, MODEL_FILE, PRECISIONS
+
+from .errors import ExportError
+from .trace import DEFAULT_OPSET
+
+PROVIDERS = ("cpu", "cuda")
+OPSET_RANGE = (18, 23)  # LayerNormalization needs >= 17; onnxruntime 1.31 runs up to 23
+CONVENTION_FIELDS = ("bit_order", "values", "tiling", "scale")
+
+
+class Stages:
+    """Prints `stage ... s` lines and keeps the timings for the manifest; a heartbeat for long stages."""
+
+    def __init__(self, log: Callable[[str], None], heartbeat_s: float = 15.0):
+        self.log, self.heartbeat_s, self.seconds = log, heartbeat_s, {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.heartbeat_s):
+                self.log(f"  ... {name} still running ({time.perf_counter() - t0:.0f} s)")
+
+        th = threading.Thread(target=beat, daemon=True)
+        th.start()
+        try:
+            yield
+        finally:
+            done.set()
+            self.seconds[name] = time.perf_counter() - t0
+        self.log(f"[export] {name:<10} {self.seconds[name]:7.2f} s")
+
+
+def default_out(model_name: str, code: str, precision: str) -> Path:
+    return Path("artifacts") / f"{model_name}-{code}-{precision}"
+
+
+def check_arguments(out: Path, code: str, precision: str, provider: str, opset: int, force: bool,
+                    trust_remote_code: bool, overrides: dict) -> None:
+    """Everything that can be refused without reading a weight."""
+    if code not in LIFT_MODES:
+        raise ExportError(f"--code {code}: unknown lift mode; choose one of {', '.join(LIFT_MODES)}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision {precision}: unknown; choose one of {', '.join(PRECISIONS)}")
+    if provider not in PROVIDERS:
+        raise ExportError(f"--provider {provider}: unknown; choose cpu or cuda")
+    if code == "bitwise" and provider == "cuda":
+        raise ExportError("--code bitwise cannot target --provider cuda: ONNX Runtime has BitShift/BitwiseAnd on the "
+                          "CPU provider only, so nodes would fall back to the CPU; use --code arith or --code lookup")
+    if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
+        raise ExportError(f"--opset {opset}: supported range is {OPSET_RANGE[0]}..{OPSET_RANGE[1]} (default {DEFAULT_OPSET})")
+    if trust_remote_code:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ExportError("--trust-remote-code needs the transformers package, which is not installed; "
+                              "pip install transformers, or export without it (the checkpoint is then read by the adapter)") from None
+        raise ExportError("--trust-remote-code: the probe comparison with the folder's own code is not implemented yet; "
+                          "export without it (the adapter reads the weights; use --key-map for unmapped tensors)")
+    from reference.config import BIT_ORDERS, TILINGS, VALUE_MAPS
+
+    for key, allowed in (("bit_order", BIT_ORDERS), ("values", VALUE_MAPS), ("tiling", TILINGS)):
+        if overrides.get(key) is not None and overrides[key] not in allowed:
+            raise ExportError(f"--{key.replace('_', '-')} {overrides[key]}: choose one of {', '.join(allowed)}")
+    if out.exists() and not force:
+        raise ExportError(f"--out {out} already exists; pass --force to replace it (the old one stays until the new one passed)")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file, not a folder; choose another --out")
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{out.name}.probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write to {parent} ({e.strerror or e}); choose a writable folder") from None
+
+
+def read_key_map(path: str | os.PathLike | dict | None) -> dict | None:
+    if path is None or isinstance(path, dict):
+        return path
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ExportError(f"--key-map {path}: no such file") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"--key-map {path}: not a readable JSON object ({e})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"--key-map {path}: expected a JSON object {{\"their.tensor.name\": \"our.name\"}}")
+    return data
+
+
+def load_reference(folder: Path, key_map: dict | None, overrides: dict):
+    """The checkpoint as the fp32 reference model, with any lift convention overrides applied.
+
+    Built on the meta device and filled with `assign=True`, so the weights exist once in memory.
+    """
+    import torch
+
+    from reference.checkpoint import CheckpointError, load_checkpoint
+    from reference.config import ConfigError
+    from reference.model import TableFreeLM
+
+    try:
+        cfg, sd = load_checkpoint(folder, key_map=key_map)
+        for key in CONVENTION_FIELDS:
+            if overrides.get(key) is not None:
+                setattr(cfg.code, key, float(overrides[key]) if key == "scale" else overrides[key])
+        if "code.A" in sd:
+            cfg.code.A = sd["code.A"].numpy()
+        if "code.b" in sd:
+            cfg.code.b = sd["code.b"].numpy()
+        cfg.validate()
+        with torch.device("meta"):
+            lm = TableFreeLM(cfg)
+        sd.setdefault("code.A", torch.as_tensor(cfg.code.A, dtype=torch.uint8))
+        sd.setdefault("code.b", torch.as_tensor(cfg.code.b, dtype=torch.uint8))
+        lm.load_state_dict(sd, strict=True, assign=True)
+    except (CheckpointError, ConfigError) as e:
+        raise ExportError(str(e)) from None
+    except FileNotFoundError as e:
+        raise ExportError(f"{folder}: {e}") from None
+    except RuntimeError as e:  # load_state_dict: shapes that disagree with the config
+        first = str(e).strip().splitlines()
+        raise ExportError(f"{folder}: the weights do not fit config.json ({' '.join(first[:3])[:300]}); fix config.json") from None
+    return lm.eval()
+
+
+def export_graph(lm, work: Path, mode: str, opset: int, stages: Stages, lift_code=None) -> Path:
+    """Trace, optimise, name, save with external data, splice the lift in; returns work/model.onnx.
+
+    `lift_code` replaces the model's own code in the spliced lift: only tests use it, to prove the
+    gate catches a graph whose lift differs from the reference.
+    """
+    import onnx
+    import onnx_ir as ir
+
+    from graphs.lift import attach_lift, check_no_vocab_table
+
+    from .passes import name_nodes, name_weights, optimize
+    from .trace import trace_body
+
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / MODEL_FILE
+    with stages("trace"):
+        body = trace_body(lm, opset)
+    with stages("passes"):
+        optimize(body)
+        name_nodes(body)
+        name_weights(body)
+    with stages("save"):
+        ir.save(body, path, external_data=DATA_FILE)
+        del body
+    with stages("lift"):
+        proto = onnx.load(str(path), load_external_data=False)
+        proto = attach_lift(proto, lift_code if lift_code is not None else lm.cfg.code, mode, lm.cfg.vocab_size)
+        check_no_vocab_table(proto, lm.cfg.vocab_size, lm.cfg.hidden_size)
+        onnx.save(proto, str(path))
+        onnx.checker.check_model(str(path))
+    return path
+
+
+def convert_precision(src: Path, dst_dir: Path, precision: str) -> None:
+    """fp32 graph -> the requested precision in dst_dir (model.onnx + model.onnx.data)."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    dst = dst_dir / MODEL_FILE
+    if precision == "fp32":
+        os.replace(src, dst)
+        os.replace(src.parent / DATA_FILE, dst_dir / DATA_FILE)
+        return
+    from graphs import quantize
+
+    if precision == "fp16":
+        quantize.to_fp16(src, dst)
+    elif precision == "int8":
+        quantize.quantize_int8(src, dst)
+    else:
+        quantize.quantize_int4(src, dst)
+    if not (dst_dir / DATA_FILE).is_file():
+        raise ExportError(f"{precision} conversion wrote no {DATA_FILE} beside {dst}; this is a bug in graphs.quantize")
+
+
+def verify_providers(provider: str, log: Callable[[str], None]) -> str:
+    """The provider the gate runs on: cuda when asked and installed, else cpu with a warning."""
+    if provider != "cuda":
+        return "cpu"
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return "cuda"
+    log("warning: CUDAExecutionProvider is not installed here (onnxruntime CPU build); the parity gate runs on "
+        "the CPU provider - run it on a CUDA machine with onnxruntime-gpu to verify there")
+    return "cpu"
+
+
+def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None, code: str = "bitwise",
+          precision: str = "fp32", provider: str = "cpu", opset: int | None = None, force: bool = False,
+          verify: bool = True, key_map: str | os.PathLike | dict | None = None, trust_remote_code: bool = False,
+          log: Callable[[str], None] = print, *, bit_order: str | None = None, values: str | None = None,
+          tiling: str | None = None, scale: float | None = None, _lift_code=None) -> Path:
+    """Export `model` to a verified artifact folder and return its path; raises ExportError."""
+    from .hub import resolve_source
+
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    overrides = {"bit_order": bit_order, "values": values, "tiling": tiling, "scale": scale}
+    stages = Stages(log)
+    if out is not None:  # refuse a bad --out before touching the network or any weight
+        check_arguments(Path(out), code, precision, provider, opset, force, trust_remote_code, overrides)
+    with stages("load"):
+        folder, source_info = resolve_source(model)
+        out = Path(out) if out is not None else default_out(folder.name, code, precision)
+        check_arguments(out, code, precision, provider, opset, force, trust_remote_code, overrides)
+        lm = load_reference(folder, read_key_map(key_map), overrides)
+    cfg = lm.cfg
+    log(f"[export] model {folder} (V {cfg.vocab_size}, d {cfg.hidden_size}, {cfg.num_hidden_layers} layers) "
+        f"-> {out} [{code}, {precision}, opset {opset}]")
+    out = out.absolute()
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    work = out.with_name(f".{out.name}.work-{os.getpid()}")
+    for p in (staging, work):
+        shutil.rmtree(p, ignore_errors=True)
+    try:
+        fp32 = export_graph(lm, work, code, opset, stages, lift_code=_lift_code)
+        with stages("precision"):
+            convert_precision(fp32, staging, precision)
+        with stages("files"):
+            from . import artifact
+
+            artifact.write_config(staging, cfg)
+            artifact.write_generation_config(staging, cfg, folder)
+            artifact.copy_tokenizer(staging, folder)
+            artifact.write_genai_config(staging, cfg, provider)
+        parity, verified, passed = {"skipped": "--no-verify"}, [], True
+        if verify:
+            from .verify import run_gate
+
+            with stages("verify"):
+                vprov = verify_providers(provider, log)
+                report = run_gate(staging, lm, precision, vprov, log)
+            log(report.table())
+            parity, passed = report.to_dict(), report.passed
+            verified = [report.provider] if passed else []
+        with stages("manifest"):
+            artifact.write_manifest(staging, cfg=cfg, source_info=source_info, source=folder, mode=code,
+                                    precision=precision, opset=opset, providers_verified=verified, parity=parity,
+                                    stages=stages.seconds)
+        if not passed:
+            failed = artifact.keep_failed(staging, out)
+            bad = ", ".join(c["name"] for c in parity["checks"] if c["required"] and not c["passed"])
+            raise ExportError(f"parity gate failed ({bad}); nothing was written to {out}. The failed artifact and its "
+                              f"report (manifest.json -> parity) are in {failed}")
+        artifact.move_into_place(staging, out)
+    except ExportError:
+        raise
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        raise ExportError(f"export failed in an unexpected place ({type(e).__name__}: {str(e).strip()[:300]}); "
+                          f"nothing was written to {out}. Rerun with --debug for the traceback") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"[export] wrote {out} ({sum(stages.seconds.values()):.1f} s)")
+    return out
+
+
+def stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

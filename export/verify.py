@@ -1,0 +1,277 @@
+"""The parity gate (SPEC 5): the saved artifact, run by onnxruntime, against the PyTorch reference.
+
+Everything here feeds numpy arrays to an InferenceSession and compares them with the reference
+model in float32 on the CPU. The ORT loop is deliberately minimal and local; the runtime package
+has the full one. Each check is a row of the report: what was measured, the bound, pass or fail.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from graphs.lift import extract_lift
+from reference.lift import lift
+from reference.model import TableFreeLM
+from runtime.interface import (ATTENTION_MASK, INPUT_IDS, LOGITS, MODEL_FILE, POSITION_IDS, past_names,
+                               present_names)
+
+from .floors import FP32_REL_TOL, GREEDY_TOKENS, floors_for
+
+_ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass
+class Check:
+    name: str
+    value: float | int | str
+    bound: str
+    passed: bool
+    required: bool = True
+    detail: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Report:
+    precision: str
+    provider: str
+    checks: list[Check] = field(default_factory=list)
+    _t: float = field(default_factory=time.perf_counter, repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks if c.required)
+
+    def add(self, *args, **kwargs) -> Check:
+        """Record a check; its time is what passed since the previous one was recorded."""
+        now = time.perf_counter()
+        c = Check(*args, **kwargs, seconds=round(now - self._t, 3))
+        self._t = now
+        self.checks.append(c)
+        return c
+
+    def to_dict(self) -> dict:
+        return {"precision": self.precision, "provider": self.provider, "passed": self.passed,
+                "checks": [asdict(c) for c in self.checks]}
+
+    def table(self) -> str:
+        rows = [("check", "value", "bound", "result")]
+        for c in self.checks:
+            v = f"{c.value:.3g}" if isinstance(c.value, float) else str(c.value)
+            res = "ok" if c.passed else ("FAIL" if c.required else "below (reported only)")
+            rows.append((c.name, v, c.bound, res))
+        w = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(r[i].ljust(w[i]) for i in range(4)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * x for x in w))
+        verdict = "PASSED" if self.passed else "FAILED"
+        return "\n".join(lines) + f"\nparity gate ({self.precision}, {self.provider}): {verdict}"
+
+
+class OrtLM:
+    """The artifact as a plain function: numpy ids/mask/positions/past in, numpy logits/present out."""
+
+    def __init__(self, folder: Path, num_layers: int, heads: int, head_size: int, providers: list[str]):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        self.sess = ort.InferenceSession(str(Path(folder) / MODEL_FILE), so, providers=providers)
+        self.L, self.H, self.hs = num_layers, heads, head_size
+        types = {i.name: i.type for i in self.sess.get_inputs()}
+        self.kv_dtype = _ORT_FLOAT.get(types.get(past_names(num_layers)[0], "tensor(float)"), np.float32)
+        self.in_names, self.out_names = past_names(num_layers), [LOGITS, *present_names(num_layers)]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.H, 0, self.hs), self.kv_dtype) for _ in range(2 * self.L)]
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray] | None = None):
+        past = self.empty_past(ids.shape[0]) if past is None else past
+        feed = {INPUT_IDS: ids.astype(np.int64), ATTENTION_MASK: mask.astype(np.int64), POSITION_IDS: pos.astype(np.int64)}
+        feed.update(zip(self.in_names, past))
+        out = self.sess.run(self.out_names, feed)
+        return out[0].astype(np.float32), out[1:]
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """Positions count attended tokens only, so a left-padded row sees what it sees alone."""
+    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+
+
+@torch.no_grad()
+def ref_logits(lm: TableFreeLM, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    ids_t = torch.from_numpy(ids.astype(np.int64))
+    mask_t = None if mask is None else torch.from_numpy(mask.astype(np.int64))
+    return lm(ids_t, attention_mask=mask_t)[0].float().numpy()
+
+
+def ort_greedy(m: OrtLM, rows: list[list[int]], steps: int, pad_id: int = 0) -> list[list[int]]:
+    """Greedy decoding of left-padded rows through the KV cache (prefill once, then one token a step)."""
+    B, T = len(rows), max(len(r) for r in rows)
+    ids = np.full((B, T), pad_id, np.int64)
+    mask = np.zeros((B, T), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    logits, past = m(ids, mask, positions(mask))
+    out: list[list[int]] = [[] for _ in rows]
+    for step in range(steps):
+        nxt = logits[:, -1].argmax(-1)
+        for i in range(B):
+            out[i].append(int(nxt[i]))
+        if step == steps - 1:
+            break
+        mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+        logits, past = m(nxt[:, None], mask, positions(mask)[:, -1:], past)
+    return out
+
+
+def check_lift(report: Report, model_path: Path, lm: TableFreeLM, providers: list[str], chunk: int = 8192) -> None:
+    """Exhaustive: the artifact's own lift nodes give exactly reference.lift.lift for all V ids."""
+    cfg = lm.cfg
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+        sub = extract_lift(proto, model_path.parent)
+        del proto
+        # extract_lift declares float32; an fp16 graph casts the lift's output, so take the inferred type
+        sub.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.UNDEFINED
+        etype = onnx.shape_inference.infer_shapes(sub).graph.output[0].type.tensor_type.elem_type
+        sub.graph.output[0].type.tensor_type.elem_type = etype or onnx.TensorProto.FLOAT
+        sess = ort.InferenceSession(sub.SerializeToString(), providers=providers)
+    except Exception as e:  # a graph we cannot cut is a failed check, not a crash
+        report.add("lift exhaustive (all V ids)", "error", "== reference", False, detail=str(e)[:300])
+        return
+    bad = 0
+    first_bad = None
+    for start in range(0, cfg.vocab_size, chunk):
+        ids = np.arange(start, min(start + chunk, cfg.vocab_size), dtype=np.int64)[None]
+        got = sess.run(None, {INPUT_IDS: ids})[0]
+        want = lift(torch.from_numpy(ids), cfg.code, cfg.hidden_size).numpy().astype(got.dtype)
+        rows_bad = np.nonzero(~np.all(got[0] == want[0], axis=-1))[0]
+        bad += len(rows_bad)
+        if first_bad is None and len(rows_bad):
+            first_bad = int(ids[0, rows_bad[0]])
+    detail = "" if not bad else f"first differing id {first_bad}"
+    report.add("lift exhaustive (all V ids)", f"{cfg.vocab_size - bad}/{cfg.vocab_size}", "== reference", bad == 0,
+               detail=detail)
+
+
+def heldout_tokens(lm: TableFreeLM, folder: Path, n_seq: int, seq_len: int, log: Callable) -> tuple[np.ndarray, str]:
+    """Tail 10% of tinyshakespeare through the artifact's tokenizer; else text sampled from the reference."""
+    try:
+        from reference.data import shared_data_file
+        from tokenizers import Tokenizer
+
+        text_path = shared_data_file("tinyshakespeare.txt")
+        tok_path = Path(folder) / "tokenizer.json"
+        if tok_path.is_file():
+            text = text_path.read_text(encoding="utf-8")
+            tail = text[int(len(text) * 0.9):]
+            ids = Tokenizer.from_file(str(tok_path)).encode(tail).ids
+            ids = [t for t in ids if 0 <= t < lm.cfg.vocab_size]
+            if len(ids) >= n_seq * seq_len:
+                return np.array(ids[: n_seq * seq_len], np.int64).reshape(n_seq, seq_len), "tinyshakespeare tail 10%"
+    except Exception as e:  # missing data or tokenizer: fall back, say so
+        log(f"  held-out text unavailable ({type(e).__name__}); sampling sequences from the fp32 reference")
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():  # all rows at once, through the KV cache
+        ids = torch.randint(0, lm.cfg.vocab_size, (n_seq, 1), generator=g)
+        out, past = [ids], None
+        for t in range(seq_len - 1):
+            mask = torch.ones(n_seq, t + 1, dtype=torch.int64)
+            logits, past = lm(ids, attention_mask=mask, position_ids=torch.full((n_seq, 1), t), past_key_values=past)
+            ids = torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1, generator=g)
+            out.append(ids)
+    return torch.cat(out, dim=1).numpy().astype(np.int64), "sampled from the fp32 reference"
+
+
+def quality(ref: np.ndarray, got: np.ndarray, ids: np.ndarray) -> dict[str, float]:
+    """top-1 agreement, mean KL(ref || got) and perplexities of next-token prediction."""
+    def logsoftmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lr, lg = logsoftmax(ref[:, :-1]), logsoftmax(got[:, :-1])
+    tgt = ids[:, 1:]
+    top1 = float((ref[:, :-1].argmax(-1) == got[:, :-1].argmax(-1)).mean())
+    kl = float((np.exp(lr) * (lr - lg)).sum(-1).mean())
+    nll_r = -np.take_along_axis(lr, tgt[..., None], -1).mean()
+    nll_g = -np.take_along_axis(lg, tgt[..., None], -1).mean()
+    return {"top1": top1, "kl": max(kl, 0.0), "ppl_ref": float(math.exp(nll_r)), "ppl": float(math.exp(nll_g)),
+            "ppl_ratio": float(math.exp(nll_g - nll_r))}
+
+
+def run_gate(folder: Path, lm: TableFreeLM, precision: str = "fp32", provider: str = "cpu",
+             log: Callable[[str], None] = print, seed: int = 0) -> Report:
+    """All SPEC 5 checks on the saved artifact in `folder`; returns the report (never raises on a failed check)."""
+    folder = Path(folder)
+    cfg = lm.cfg
+    lm.eval()
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+    report = Report(precision, providers[0])
+    exact = precision == "fp32"
+    m = OrtLM(folder, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size, providers)
+    rng = np.random.default_rng(seed)
+    V = cfg.vocab_size
+
+    check_lift(report, folder / MODEL_FILE, lm, providers)
+
+    # 1. a prompt batch, full sequence, empty past
+    ids = rng.integers(0, V, size=(2, 12))
+    mask = np.ones_like(ids)
+    want = ref_logits(lm, ids)
+    got, _ = m(ids, mask, positions(mask))
+    scale = float(np.abs(want).max())
+    diff = float(np.abs(got - want).max())
+    bound = FP32_REL_TOL * scale
+    report.add("logits max|diff| (batch 2 x 12)", diff, f"<= {bound:.3g}", diff <= bound, required=exact)
+
+    # 2. teacher forcing one token at a time through the cache vs the full-sequence reference
+    seq = rng.integers(0, V, size=(1, 16))
+    want = ref_logits(lm, seq)
+    past, worst = None, 0.0
+    for t in range(seq.shape[1]):
+        mask = np.ones((1, t + 1), np.int64)
+        got, past = m(seq[:, t:t + 1], mask, np.array([[t]]), past)
+        worst = max(worst, float(np.abs(got[0, -1] - want[0, t]).max()))
+    bound = FP32_REL_TOL * float(np.abs(want).max())
+    report.add("teacher-forced max|diff| (16 steps)", worst, f"<= {bound:.3g}", worst <= bound, required=exact)
+
+    # 3. greedy generation, token for token, against reference.generate.generate
+    from reference.generate import generate
+
+    prompt = [int(x) for x in rng.integers(0, V, size=8)]
+    ref_tokens = list(generate(lm, prompt, GREEDY_TOKENS, do_sample=False))
+    ort_tokens = ort_greedy(m, [prompt], GREEDY_TOKENS)[0]
+    match = next((i for i, (a, b) in enumerate(zip(ref_tokens, ort_tokens)) if a != b), min(len(ref_tokens), len(ort_tokens)))
+    report.add("greedy tokens equal", match, f">= {GREEDY_TOKENS}", match >= GREEDY_TOKENS, required=exact)
+
+    # 4. a left-padded batch gives each row what that row gives alone
+    rows = [[int(x) for x in rng.integers(0, V, size=n)] for n in (5, 9)]
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    batch = ort_greedy(m, rows, 16, pad)
+    solo = [ort_greedy(m, [r], 16, pad)[0] for r in rows]
+    same = sum(a == b for a, b in zip(batch, solo))
+    report.add("left-padded batch == solo rows", f"{same}/{len(rows)}", "all rows", same == len(rows), required=exact)
+
+    # 5. quality against float32 on held-out text (the floors of this precision)
+    n_seq, seq_len = 4, 64
+    held, source = heldout_tokens(lm, folder, n_seq, seq_len, log)
+    mask = np.ones_like(held)
+    q = quality(ref_logits(lm, held), m(held, mask, positions(mask))[0], held)
+    fl = floors_for(precision)
+    report.add("top-1 agreement", q["top1"], f">= {fl['top1']}", q["top1"] >= fl["top1"], detail=source)
+    report.add("KL(ref || artifact) nats", q["kl"], f"<= {fl['kl']}", q["kl"] <= fl["kl"], detail=source)
+    report.add("perplexity ratio", q["ppl_ratio"], f"<= {fl['ppl_ratio']}", q["ppl_ratio"] <= fl["ppl_ratio"],
+               detail=f"ppl {q['ppl']:.4g} vs fp32 reference {q['ppl_ref']:.4g}; {source}")
+    return report
+
+
+def save_report(report: Report, path: Path) -> None:
+    Path(path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
