@@ -26,8 +26,17 @@ test-slow: setup
 test-all: setup
 	$(PYTEST) -q
 
+# The embedded Shakespeare model, end to end and offline: export with the parity gate (the table
+# is printed), then generate with ONNX Runtime alone.
+DEMO_OUT := artifacts/shakespeare-arith-fp32
+DEMO_PROMPT ?= ROMEO:
 demo: setup
-	@echo "make demo: not yet (needs the embedded model, issue 5)"
+	$(BIN)/python -m export build --code arith --out $(DEMO_OUT) --force
+	@echo "---- python -m runtime generate --model $(DEMO_OUT) --prompt '$(DEMO_PROMPT)' (greedy)"
+	$(BIN)/python -m runtime generate --model $(DEMO_OUT) --prompt "$(DEMO_PROMPT)" --max-new-tokens 120
+	@echo "---- sampled (temperature 0.8, top-k 50, seed 1)"
+	$(BIN)/python -m runtime generate --model $(DEMO_OUT) --prompt "$(DEMO_PROMPT)" --max-new-tokens 200 \
+		--temperature 0.8 --top-k 50 --seed 1
 
 bench: setup
 	@echo "make bench: not yet (issue 6)"
