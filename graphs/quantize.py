@@ -224,27 +224,49 @@ def quantize_int8(src: str | Path, dst: str | Path, weight_type: str = "QUInt8",
             "per_channel": per_channel, "excluded_nodes": exclude}
 
 
-def quantize_int4(src: str | Path, dst: str | Path, block_size: int = 32, accuracy_level: int = 4,
-                  is_symmetric: bool = True) -> dict:
-    """Weight-only 4-bit MatMulNBits for every MatMul with a constant weight, lm_head included.
+def _head_node(model: onnx.ModelProto) -> str | None:
+    """The MatMul that writes `logits` (the vocabulary head)."""
+    return next((n.name for n in model.graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
+
+
+def quantize_nbits(src: str | Path, dst: str | Path, bits: int = 4, block_size: int = 32, accuracy_level: int = 4,
+                   is_symmetric: bool = True, head_bits: int | None = None) -> dict:
+    """Weight-only block-wise MatMulNBits (bits 4 or 8) for every MatMul with a constant weight, lm_head included.
 
     accuracy_level 4 computes with int8 activations (fastest on CPU); 0/1 dequantize to fp32.
+    head_bits: the vocabulary head at another width (int4 body + 8-bit head: the head's error
+    lands straight in the logits, and it is 14% of the weights).
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     src, dst = Path(src), Path(dst)
     model = _load_light(src)
     exclude = lift_node_names(model)
+    head = _head_node(model) if head_bits not in (None, bits) else None
     onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=is_symmetric,
-                             accuracy_level=accuracy_level, nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",))
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=is_symmetric,
+                             accuracy_level=accuracy_level, nodes_to_exclude=exclude + ([head] if head else []),
+                             op_types_to_quantize=("MatMul",))
     q.process()
     out = q.model.model
+    if head:
+        q = MatMulNBitsQuantizer(out, bits=head_bits, block_size=block_size, is_symmetric=is_symmetric,
+                                 accuracy_level=accuracy_level, nodes_to_include=[head], nodes_to_exclude=exclude,
+                                 op_types_to_quantize=("MatMul",))
+        q.process()
+        out = q.model.model
     out.graph.ClearField("value_info")  # stale fp32 shapes of replaced nodes confuse later passes
     save_with_external_data(out, dst)
-    return {"precision": "int4", "block_size": block_size, "accuracy_level": accuracy_level,
-            "is_symmetric": is_symmetric, "excluded_nodes": exclude}
+    return {"precision": f"int{bits}", "method": "MatMulNBits", "bits": bits, "head_bits": head_bits or bits,
+            "block_size": block_size, "accuracy_level": accuracy_level, "is_symmetric": is_symmetric,
+            "excluded_nodes": exclude}
+
+
+def quantize_int4(src: str | Path, dst: str | Path, block_size: int = 32, accuracy_level: int = 4,
+                  is_symmetric: bool = True) -> dict:
+    """Weight-only 4-bit MatMulNBits for every MatMul with a constant weight, lm_head included."""
+    return quantize_nbits(src, dst, 4, block_size, accuracy_level, is_symmetric)
 
 
 __all__ = ["save_with_external_data", "lift_node_names", "residual_adds", "to_fp16", "quantize_int8",
-           "quantize_int4", "FP32_OPS"]
+           "quantize_int4", "quantize_nbits", "FP32_OPS"]

@@ -20,6 +20,9 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+# optional input (default 0 = every position): logits only for the last N positions, so a prompt
+# skips the vocabulary head on positions whose logits nobody reads (graphs/optimize.py)
+LOGITS_TO_KEEP = "logits_to_keep"
 
 PAST_KEY = "past_key_values.{i}.key"
 PAST_VALUE = "past_key_values.{i}.value"

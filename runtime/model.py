@@ -131,6 +131,9 @@ class Model:
         self._in_names = I.input_names(self.num_layers)
         self._out_names = I.output_names(self.num_layers)
         self._past_names = I.past_names(self.num_layers)
+        # artifacts exported since the head slicing pass take logits_to_keep (an input with a
+        # default); older ones do not, and then every position's logits are computed
+        self._has_keep = I.LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
         self._check_interface()
 
     # -- graph interface -----------------------------------------------------------------------
@@ -161,12 +164,20 @@ class Model:
         z = np.zeros((batch, self.num_heads, 0, self.head_size), dtype=self.past_dtype)
         return [self._ort.OrtValue.ortvalue_from_numpy(z, self._device, 0) for _ in self._past_names]
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any] | None) -> tuple[np.ndarray, list[Any]]:
-        """One Run through IO binding; presents stay OrtValues (on the device for CUDA)."""
+    def _run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any] | None,
+             keep: int = 0) -> tuple[np.ndarray, list[Any]]:
+        """One Run through IO binding; presents stay OrtValues (on the device for CUDA).
+
+        keep > 0: logits of the last `keep` positions only (when the graph can), so a prompt
+        does not pay the V x d head at every position."""
         b = self.session.io_binding()
         b.bind_cpu_input(I.INPUT_IDS, ids)
         b.bind_cpu_input(I.ATTENTION_MASK, mask)
         b.bind_cpu_input(I.POSITION_IDS, pos)
+        if keep and self._has_keep:
+            # bind_cpu_input looks the name up among the required inputs only; an OrtValue binds
+            # an overridable initializer too
+            b.bind_ortvalue_input(I.LOGITS_TO_KEEP, self._ort.OrtValue.ortvalue_from_numpy(np.array([keep], np.int64)))
         for name, value in zip(self._past_names, past if past is not None else self._empty_past(ids.shape[0])):
             b.bind_ortvalue_input(name, value)
         b.bind_output(I.LOGITS, "cpu")
@@ -223,9 +234,12 @@ class Model:
 
     # -- low level -----------------------------------------------------------------------------
     def forward(self, input_ids: Any, attention_mask: Any = None, position_ids: Any = None,
-                past_key_values: Sequence[Any] | None = None) -> ForwardOutput:
+                past_key_values: Sequence[Any] | None = None, logits_to_keep: int = 0) -> ForwardOutput:
         """One checked Run. Arrays must be int64 (past: the graph's float type); the returned
-        past_key_values are OrtValues that can be passed straight back."""
+        past_key_values are OrtValues that can be passed straight back. logits_to_keep = N > 0
+        returns logits for the last N positions only ([B, min(N, seq), V]); 0 returns all."""
+        if int(logits_to_keep) != logits_to_keep or logits_to_keep < 0:
+            raise InputError(f"logits_to_keep = {logits_to_keep} must be an integer >= 0 (0 keeps every position)")
         ids = self._as_int64(input_ids, I.INPUT_IDS)
         B, S = ids.shape
         if S == 0:
@@ -253,7 +267,9 @@ class Model:
             raise InputError(f"position_ids has shape {pos.shape}; expected [batch, seq] = {(B, S)}")
         if pos.size and (pos.min() < 0 or pos.max() >= self.context_length):
             raise ContextLengthError(f"position_ids must lie in [0, {self.context_length}) (the model's context)")
-        logits, presents = self._run(ids, np.ascontiguousarray(mask), np.ascontiguousarray(pos), past)
+        logits, presents = self._run(ids, np.ascontiguousarray(mask), np.ascontiguousarray(pos), past, int(logits_to_keep))
+        if logits_to_keep and logits.shape[1] > logits_to_keep:  # an older artifact without the input
+            logits = logits[:, -int(logits_to_keep):]
         return ForwardOutput(logits, presents)
 
     @staticmethod
@@ -297,7 +313,7 @@ class Model:
             mask[i, S - n :] = 1  # left padding; the generated columns are set as they come
         pos = np.clip(np.cumsum(mask[:, :S], -1) - 1, 0, None)
         next_pos = mask[:, :S].sum(-1, keepdims=True)
-        logits, past = self._run(ids, np.ascontiguousarray(mask[:, :S]), pos, None)
+        logits, past = self._run(ids, np.ascontiguousarray(mask[:, :S]), pos, None, keep=1)
         last = logits[:, -1, :]
         rng = np.random.default_rng(seed) if not sampling.greedy else None
         history = [list(r.prompt_ids) for r in rows] if sampling.repetition_penalty != 1.0 else None
