@@ -39,7 +39,7 @@ demo: setup
 		--temperature 0.8 --top-k 50 --seed 1
 
 bench: setup
-	@echo "make bench: not yet (issue 6)"
+	$(BIN)/python benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

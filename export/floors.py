@@ -5,14 +5,22 @@ A build measures, against the float32 PyTorch reference on held-out text:
   kl    - mean KL(reference || artifact) per position, in nats (lower is better),
   ppl_ratio - artifact perplexity / reference perplexity (lower is better, 1.0 is equal).
 
-How they were set: measured on the tiny random-weight test model (`tests/conftest.py::tiny_ckpt`:
-d 64, 2 layers, V 65,536), 4 x 64 tokens of the tinyshakespeare tail, arith mode, onnxruntime 1.32
-CPU, then loosened by a margin so run-to-run and CPU-kernel differences cannot flip a build:
-  fp16  top1 1.000  kl 4.7e-07  ppl_ratio 1.000
-  int8  top1 0.972  kl 2.0e-03  ppl_ratio 1.01   (QUInt8 dynamic)
-  int4  top1 0.790  kl 7.4e-02  ppl_ratio 1.03   (MatMulNBits, block 32, accuracy level 4)
-Random weights give near-tied logits, so top-1 agreement there is a pessimistic measure; helper E
-tightens these on the trained demo model (issue 5) and records the measurements beside them.
+How they were set (4 x 64 held-out positions per build, arith mode, onnxruntime 1.32 CPU; the
+int8 and int4 settings are those of export/build.py: 8-bit MatMulNBits block 128, and 4-bit block 32
+asymmetric with an 8-bit head, accuracy level 4):
+
+  model                                  precision  top1   kl       ppl_ratio
+  demo, trained (models/shakespeare)     fp16       1.000  5.9e-07  1.000
+  demo, trained                          int8       0.956  1.5e-03  1.00
+  demo, trained                          int4       0.829  5.3e-02  1.06
+  full size 0.47B, random weights        int8       0.976  2.4e-03  1.010
+  full size 0.47B, random weights        int4       0.758  1.8e-01  1.149
+  tiny test model, random weights        fp16       1.000  4.7e-07  1.000
+
+Each floor sits below the worst of these with a margin, so run-to-run and CPU-kernel differences
+cannot flip a build, yet a broken conversion (a wrong scale, a dropped zero point, signed int8 on a
+CPU without VNNI) fails it. Random weights have near-tied logits, so they are the pessimistic case
+that sets the int4 floors; the trained model is far inside them.
 """
 from __future__ import annotations
 
@@ -20,8 +28,8 @@ FLOORS: dict[str, dict[str, float]] = {
     # fp32 is held to the exact parity bounds of SPEC 5; these only catch gross breakage.
     "fp32": {"top1": 0.999, "kl": 1e-6, "ppl_ratio": 1.0001},
     "fp16": {"top1": 0.99, "kl": 1e-4, "ppl_ratio": 1.01},
-    "int8": {"top1": 0.90, "kl": 1e-2, "ppl_ratio": 1.05},
-    "int4": {"top1": 0.65, "kl": 2e-1, "ppl_ratio": 1.15},
+    "int8": {"top1": 0.93, "kl": 6e-3, "ppl_ratio": 1.03},
+    "int4": {"top1": 0.70, "kl": 2.5e-1, "ppl_ratio": 1.20},
 }
 
 # SPEC 5: fp32 logits must agree within this fraction of the largest |logit|.

@@ -58,3 +58,25 @@ def test_demo_batch_rows_equal_solo(demo_artifacts):
     batch = m.generate(PROMPTS, max_new_tokens=48)
     for prompt, row in zip(PROMPTS, batch):
         assert row.ids == m.generate(prompt, max_new_tokens=48).ids
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_demo_quantized_builds_meet_their_floors(tmp_path, precision):
+    """The floors of export/floors.py hold on the trained model, with the runtime's own scoring as
+    a second, independent measure: held-out-like text scores within the floor's perplexity ratio."""
+    import json
+
+    from export.build import build
+    from export.floors import floors_for
+
+    folder = build(DEMO_MODEL_DIR, tmp_path / precision, code="arith", precision=precision, log=lambda m: None)
+    checks = {c["name"]: c for c in json.loads((folder / I.MANIFEST_FILE).read_text())["parity"]["checks"]}
+    fl = floors_for(precision)
+    assert checks["top-1 agreement"]["value"] >= fl["top1"]
+    assert checks["perplexity ratio"]["value"] <= fl["ppl_ratio"]
+
+    fp32 = runtime.load(build(DEMO_MODEL_DIR, tmp_path / "fp32", code="arith", log=lambda m: None), provider="cpu")
+    quant = runtime.load(folder, provider="cpu")
+    text = fp32.generate("KING HENRY VI:\n", max_new_tokens=200, do_sample=True, temperature=0.8, seed=3).text
+    ratio = quant.score(text).perplexity / fp32.score(text).perplexity
+    assert ratio <= fl["ppl_ratio"], f"{precision}: perplexity ratio {ratio:.3f} on sampled text"
