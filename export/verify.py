@@ -20,6 +20,7 @@ import torch
 
 from graphs.lift import extract_lift
 from reference.lift import lift
+from reference.config import ModelConfig
 from reference.model import TableFreeLM
 from runtime.interface import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, MODEL_FILE, POSITION_IDS,
                                past_names, present_names)
@@ -135,9 +136,8 @@ def ort_greedy(m: OrtLM, rows: list[list[int]], steps: int, pad_id: int = 0) -> 
     return out
 
 
-def check_lift(report: Report, model_path: Path, lm: TableFreeLM, providers: list[str], chunk: int = 8192) -> None:
+def check_lift(report: Report, model_path: Path, cfg: ModelConfig, providers: list[str], chunk: int = 8192) -> None:
     """Exhaustive: the artifact's own lift nodes give exactly reference.lift.lift for all V ids."""
-    cfg = lm.cfg
     try:
         proto = onnx.load(str(model_path), load_external_data=False)
         sub = extract_lift(proto, model_path.parent)
@@ -211,25 +211,65 @@ def quality(ref: np.ndarray, got: np.ndarray, ids: np.ndarray) -> dict[str, floa
             "ppl_ratio": float(math.exp(nll_g - nll_r))}
 
 
-def run_gate(folder: Path, lm: TableFreeLM, precision: str = "fp32", provider: str = "cpu",
-             log: Callable[[str], None] = print, seed: int = 0) -> Report:
-    """All SPEC 5 checks on the saved artifact in `folder`; returns the report (never raises on a failed check)."""
-    folder = Path(folder)
-    cfg = lm.cfg
+@dataclass
+class Expected:
+    """Everything the gate needs from the PyTorch reference, computed before ONNX Runtime starts.
+
+    Why: holding the reference and an ONNX Runtime session of the same 0.5B model at once doubles
+    the build's peak memory; with these few arrays in hand the build frees the reference first.
+    """
+
+    cfg: ModelConfig
+    batch_ids: np.ndarray
+    batch_logits: np.ndarray
+    seq_ids: np.ndarray
+    seq_logits: np.ndarray
+    prompt: list[int]
+    greedy_tokens: list[int]
+    padded_rows: list[list[int]]
+    held_ids: np.ndarray
+    held_source: str
+    held_logits: np.ndarray
+
+
+def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = print, seed: int = 0) -> Expected:
+    """Run the reference side of every check (SPEC 5) on seeded inputs."""
+    from reference.generate import generate
+
     lm.eval()
+    cfg = lm.cfg
+    rng = np.random.default_rng(seed)
+    V = cfg.vocab_size
+    batch_ids = rng.integers(0, V, size=(2, 12))
+    seq_ids = rng.integers(0, V, size=(1, 16))
+    prompt = [int(x) for x in rng.integers(0, V, size=8)]
+    padded_rows = [[int(x) for x in rng.integers(0, V, size=n)] for n in (5, 9)]
+    held_ids, held_source = heldout_tokens(lm, folder, 4, 64, log)
+    return Expected(
+        cfg=cfg, batch_ids=batch_ids, batch_logits=ref_logits(lm, batch_ids), seq_ids=seq_ids,
+        seq_logits=ref_logits(lm, seq_ids), prompt=prompt,
+        greedy_tokens=list(generate(lm, prompt, GREEDY_TOKENS, do_sample=False)), padded_rows=padded_rows,
+        held_ids=held_ids, held_source=held_source, held_logits=ref_logits(lm, held_ids))
+
+
+def run_gate(folder: Path, expected: Expected | TableFreeLM, precision: str = "fp32", provider: str = "cpu",
+             log: Callable[[str], None] = print) -> Report:
+    """All SPEC 5 checks on the saved artifact in `folder`; returns the report (never raises on a failed check).
+
+    `expected` comes from `expectations` (a reference model is accepted too, and run first)."""
+    folder = Path(folder)
+    e = expectations(expected, folder, log) if isinstance(expected, TableFreeLM) else expected
+    cfg = e.cfg
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
     report = Report(precision, providers[0])
     exact = precision == "fp32"
     m = OrtLM(folder, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size, providers)
-    rng = np.random.default_rng(seed)
-    V = cfg.vocab_size
 
-    check_lift(report, folder / MODEL_FILE, lm, providers)
+    check_lift(report, folder / MODEL_FILE, cfg, providers)
 
     # 1. a prompt batch, full sequence, empty past
-    ids = rng.integers(0, V, size=(2, 12))
+    ids, want = e.batch_ids, e.batch_logits
     mask = np.ones_like(ids)
-    want = ref_logits(lm, ids)
     got, _ = m(ids, mask, positions(mask))
     scale = float(np.abs(want).max())
     diff = float(np.abs(got - want).max())
@@ -247,8 +287,7 @@ def run_gate(folder: Path, lm: TableFreeLM, precision: str = "fp32", provider: s
                    detail="vs reference" + ("" if ok else f"; shape {last.shape}"))
 
     # 2. teacher forcing one token at a time through the cache vs the full-sequence reference
-    seq = rng.integers(0, V, size=(1, 16))
-    want = ref_logits(lm, seq)
+    seq, want = e.seq_ids, e.seq_logits
     past, worst = None, 0.0
     for t in range(seq.shape[1]):
         mask = np.ones((1, t + 1), np.int64)
@@ -258,16 +297,13 @@ def run_gate(folder: Path, lm: TableFreeLM, precision: str = "fp32", provider: s
     report.add("teacher-forced max|diff| (16 steps)", worst, f"<= {bound:.3g}", worst <= bound, required=exact)
 
     # 3. greedy generation, token for token, against reference.generate.generate
-    from reference.generate import generate
-
-    prompt = [int(x) for x in rng.integers(0, V, size=8)]
-    ref_tokens = list(generate(lm, prompt, GREEDY_TOKENS, do_sample=False))
-    ort_tokens = ort_greedy(m, [prompt], GREEDY_TOKENS)[0]
+    ref_tokens = e.greedy_tokens
+    ort_tokens = ort_greedy(m, [e.prompt], GREEDY_TOKENS)[0]
     match = next((i for i, (a, b) in enumerate(zip(ref_tokens, ort_tokens)) if a != b), min(len(ref_tokens), len(ort_tokens)))
     report.add("greedy tokens equal", match, f">= {GREEDY_TOKENS}", match >= GREEDY_TOKENS, required=exact)
 
     # 4. a left-padded batch gives each row what that row gives alone
-    rows = [[int(x) for x in rng.integers(0, V, size=n)] for n in (5, 9)]
+    rows = e.padded_rows
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     batch = ort_greedy(m, rows, 16, pad)
     solo = [ort_greedy(m, [r], 16, pad)[0] for r in rows]
@@ -275,10 +311,9 @@ def run_gate(folder: Path, lm: TableFreeLM, precision: str = "fp32", provider: s
     report.add("left-padded batch == solo rows", f"{same}/{len(rows)}", "all rows", same == len(rows), required=exact)
 
     # 5. quality against float32 on held-out text (the floors of this precision)
-    n_seq, seq_len = 4, 64
-    held, source = heldout_tokens(lm, folder, n_seq, seq_len, log)
+    held, source = e.held_ids, e.held_source
     mask = np.ones_like(held)
-    q = quality(ref_logits(lm, held), m(held, mask, positions(mask))[0], held)
+    q = quality(e.held_logits, m(held, mask, positions(mask))[0], held)
     fl = floors_for(precision)
     report.add("top-1 agreement", q["top1"], f">= {fl['top1']}", q["top1"] >= fl["top1"], detail=source)
     report.add("KL(ref || artifact) nats", q["kl"], f"<= {fl['kl']}", q["kl"] <= fl["kl"], detail=source)
