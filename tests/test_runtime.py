@@ -22,12 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "To be, or not to be, that is the question"
 
 
-@pytest.fixture(scope="session")
-def arts(tiny_artifacts):
-    """get(mode) -> a verified tiny artifact folder of `tiny_ckpt` (conftest)."""
-    return tiny_artifacts
-
-
 @pytest.fixture(scope="module")
 def ref(tiny_ckpt):
     from reference.checkpoint import load_model
@@ -36,8 +30,8 @@ def ref(tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def model(arts):
-    return runtime.load(arts("bitwise"), provider="cpu")
+def model(tiny_artifacts):
+    return runtime.load(tiny_artifacts("bitwise"), provider="cpu")
 
 
 def ref_logits(ref, ids: list[int]) -> np.ndarray:
@@ -47,10 +41,10 @@ def ref_logits(ref, ids: list[int]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode", I.LIFT_MODES)
-def test_greedy_64_tokens_equal_reference(arts, ref, mode):
+def test_greedy_64_tokens_equal_reference(tiny_artifacts, ref, mode):
     from reference.generate import generate
 
-    m = runtime.load(arts(mode), provider="cpu")
+    m = runtime.load(tiny_artifacts(mode), provider="cpu")
     ids = m.encode(PROMPT)
     want = generate(ref, ids, 64, eos_token_id=m.eos_token_ids)
     got = m.generate(ids, max_new_tokens=64)
@@ -206,12 +200,12 @@ def test_one_session_shared_by_eight_threads(model):
     assert results == serial
 
 
-def test_provider_reported_and_auto_warns_once(arts, monkeypatch):
+def test_provider_reported_and_auto_warns_once(tiny_artifacts, monkeypatch):
     import onnxruntime as ort
 
     import runtime.model as rm
 
-    m = runtime.load(arts("bitwise"), provider="cpu", threads=1)
+    m = runtime.load(tiny_artifacts("bitwise"), provider="cpu", threads=1)
     assert m.provider == "CPUExecutionProvider"
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA is installed here: auto does not fall back")
@@ -219,7 +213,7 @@ def test_provider_reported_and_auto_warns_once(arts, monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            assert runtime.load(arts("bitwise")).provider == "CPUExecutionProvider"
+            assert runtime.load(tiny_artifacts("bitwise")).provider == "CPUExecutionProvider"
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1 and "onnxruntime-gpu" in msgs[0]
 

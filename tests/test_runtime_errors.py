@@ -19,15 +19,9 @@ from runtime.errors import (ArtifactVersionError, ContextLengthError, InputError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def arts(tiny_artifacts):
-    """get(mode) -> a verified tiny artifact folder of `tiny_ckpt` (conftest)."""
-    return tiny_artifacts
-
-
 @pytest.fixture(scope="module")
-def model(arts):
-    return runtime.load(arts("bitwise"), provider="cpu")
+def model(tiny_artifacts):
+    return runtime.load(tiny_artifacts("bitwise"), provider="cpu")
 
 
 @pytest.fixture
@@ -41,9 +35,9 @@ def no_run(model, monkeypatch):
 
 
 @pytest.fixture
-def copy(arts, tmp_path):
+def copy(tiny_artifacts, tmp_path):
     dst = tmp_path / "artifact"
-    shutil.copytree(arts("bitwise"), dst)
+    shutil.copytree(tiny_artifacts("bitwise"), dst)
     return dst
 
 
@@ -180,24 +174,24 @@ def test_newer_format_and_foreign_manifest(copy):
         runtime.load(copy / "nope", provider="cpu")
 
 
-def test_cuda_demanded_without_cuda(arts):
+def test_cuda_demanded_without_cuda(tiny_artifacts):
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA is installed here")
     with pytest.raises(ProviderError) as e:
-        runtime.load(arts("bitwise"), provider="cuda")
+        runtime.load(tiny_artifacts("bitwise"), provider="cuda")
     assert "onnxruntime-gpu" in one_line(e)
     with pytest.raises(ProviderError):
-        runtime.load(arts("bitwise"), provider="tpu")
+        runtime.load(tiny_artifacts("bitwise"), provider="tpu")
 
 
-def test_onnxruntime_not_installed(arts, tmp_path):
+def test_onnxruntime_not_installed(tiny_artifacts, tmp_path):
     fake = tmp_path / "fake" / "onnxruntime"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('No module named onnxruntime')\n")
     code = ("import runtime\n"
-            f"try:\n    runtime.load({str(arts('bitwise'))!r})\n"
+            f"try:\n    runtime.load({str(tiny_artifacts('bitwise'))!r})\n"
             "except runtime.MissingDependencyError as e:\n    print('OK', e)\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "fake"), str(ROOT)]))
     p = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
@@ -206,15 +200,15 @@ def test_onnxruntime_not_installed(arts, tmp_path):
     assert issubclass(MissingDependencyError, ImportError)
 
 
-def test_cli_errors_are_one_line_exit_2(arts, copy, tmp_path):
+def test_cli_errors_are_one_line_exit_2(tiny_artifacts, copy, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     (copy / I.DATA_FILE).unlink()
     cases = [
-        ["generate", "--model", str(arts("bitwise")), "--prompt", ""],
+        ["generate", "--model", str(tiny_artifacts("bitwise")), "--prompt", ""],
         ["generate", "--model", str(copy), "--prompt", "hi"],
-        ["generate", "--model", str(arts("bitwise")), "--prompt", "hi", "--max-new-tokens", "100000", "--provider", "cpu"],
-        ["generate", "--model", str(arts("bitwise")), "--prompt", "hi", "--top-p", "0", "--provider", "cpu"],
-        ["score", "--model", str(arts("bitwise")), "--file", str(tmp_path / "missing.txt"), "--provider", "cpu"],
+        ["generate", "--model", str(tiny_artifacts("bitwise")), "--prompt", "hi", "--max-new-tokens", "100000", "--provider", "cpu"],
+        ["generate", "--model", str(tiny_artifacts("bitwise")), "--prompt", "hi", "--top-p", "0", "--provider", "cpu"],
+        ["score", "--model", str(tiny_artifacts("bitwise")), "--file", str(tmp_path / "missing.txt"), "--provider", "cpu"],
     ]
     for args in cases:
         p = subprocess.run([sys.executable, "-m", "runtime", *args], env=env, cwd=tmp_path, capture_output=True,

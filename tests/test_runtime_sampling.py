@@ -107,15 +107,9 @@ def test_sample_follows_the_distribution_and_never_draws_filtered():
 
 
 # ---- with a model -----------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def arts(tiny_artifacts):
-    """get(mode) -> a verified tiny artifact folder of `tiny_ckpt` (conftest)."""
-    return tiny_artifacts
-
-
 @pytest.fixture(scope="module")
-def model(arts):
-    return runtime.load(arts("bitwise"), provider="cpu")
+def model(tiny_artifacts):
+    return runtime.load(tiny_artifacts("bitwise"), provider="cpu")
 
 
 @pytest.fixture(scope="module")
