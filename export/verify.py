@@ -252,13 +252,11 @@ def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = pri
         held_ids=held_ids, held_source=held_source, held_logits=ref_logits(lm, held_ids))
 
 
-def run_gate(folder: Path, expected: Expected | TableFreeLM, precision: str = "fp32", provider: str = "cpu",
+def run_gate(folder: Path, e: Expected, precision: str = "fp32", provider: str = "cpu",
              log: Callable[[str], None] = print) -> Report:
-    """All SPEC 5 checks on the saved artifact in `folder`; returns the report (never raises on a failed check).
-
-    `expected` comes from `expectations` (a reference model is accepted too, and run first)."""
+    """All SPEC 5 checks on the saved artifact in `folder` against the reference values `e` (from
+    `expectations`); returns the report (never raises on a failed check)."""
     folder = Path(folder)
-    e = expectations(expected, folder, log) if isinstance(expected, TableFreeLM) else expected
     cfg = e.cfg
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
     report = Report(precision, providers[0])

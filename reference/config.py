@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -271,5 +271,4 @@ __all__ = [
     "code_width",
     "tiny_config",
     "full_config",
-    "asdict",
 ]

@@ -5,28 +5,8 @@ tokenizers only; it never imports torch.
     model = runtime.load("artifacts/tiny")
     print(model.generate("Hello", max_new_tokens=32).text)
 """
-from .errors import (
-    ArtifactVersionError,
-    ContextLengthError,
-    InputError,
-    MissingDependencyError,
-    ProviderError,
-    RuntimeArtifactError,
-    TableFreeRuntimeError,
-)
+from . import errors
+from .errors import *  # noqa: F403 - the error classes are part of the public API
 from .model import ForwardOutput, GenerationResult, Model, ScoreResult, load
 
-__all__ = [
-    "load",
-    "Model",
-    "GenerationResult",
-    "ScoreResult",
-    "ForwardOutput",
-    "TableFreeRuntimeError",
-    "RuntimeArtifactError",
-    "ArtifactVersionError",
-    "InputError",
-    "ContextLengthError",
-    "ProviderError",
-    "MissingDependencyError",
-]
+__all__ = ["load", "Model", "GenerationResult", "ScoreResult", "ForwardOutput", *errors.__all__]
