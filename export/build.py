@@ -26,7 +26,8 @@ from .trace import DEFAULT_OPSET
 
 PROVIDERS = ("cpu", "cuda")
 OPSET_RANGE = (18, 23)  # LayerNormalization needs >= 17; onnxruntime 1.31 runs up to 23
-CONVENTION_FIELDS = ("bit_order", "values", "tiling", "scale")
+CONVENTION_FIELDS = ("bit_order", "values", "tiling", "scale")  # code fields a user may override
+BLOCK_FIELDS = ("norm_type", "rope_pairing", "hidden_act")  # set only by the --trust-remote-code search
 INT_BLOCK_SIZE = 128  # MatMulNBits block for int8 (accuracy level 4: int8 compute)
 
 
@@ -74,13 +75,12 @@ def check_arguments(out: Path, code: str, precision: str, provider: str, opset: 
     if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
         raise ExportError(f"--opset {opset}: supported range is {OPSET_RANGE[0]}..{OPSET_RANGE[1]} (default {DEFAULT_OPSET})")
     if trust_remote_code:
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
             raise ExportError("--trust-remote-code needs the transformers package, which is not installed; "
-                              "pip install transformers, or export without it (the checkpoint is then read by the adapter)") from None
-        raise ExportError("--trust-remote-code: the probe comparison with the folder's own code is not implemented yet; "
-                          "export without it (the adapter reads the weights; use --key-map for unmapped tensors)")
+                              "pip install 'tablefree-onnx[remote]', or export without the flag (the adapter reads "
+                              "the weights without running the folder's code)")
     from reference.config import BIT_ORDERS, TILINGS, VALUE_MAPS
 
     for key, allowed in (("bit_order", BIT_ORDERS), ("values", VALUE_MAPS), ("tiling", TILINGS)):
@@ -114,6 +114,27 @@ def read_key_map(path: str | os.PathLike | dict | None) -> dict | None:
     return data
 
 
+def apply_overrides(cfg, overrides: dict) -> None:
+    """Convention overrides (CLI flags, or what --trust-remote-code found) onto a ModelConfig, in place."""
+    for key in CONVENTION_FIELDS:
+        if overrides.get(key) is not None:
+            setattr(cfg.code, key, float(overrides[key]) if key == "scale" else overrides[key])
+    for key in BLOCK_FIELDS:
+        if overrides.get(key) is not None:
+            setattr(cfg, key, overrides[key])
+
+
+def note_folder_code(folder: Path, log: Callable[[str], None]) -> None:
+    """Say so when a folder ships model code that this build does not run (SPEC 2: only on request)."""
+    try:
+        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return
+    if auto_map:
+        log(f"[export] note: {folder.name} ships its own model code (auto_map in config.json); it was not run. "
+            "Pass --trust-remote-code to check the reference against it")
+
+
 def load_reference(folder: Path, key_map: dict | None, overrides: dict):
     """The checkpoint as the fp32 reference model, with any lift convention overrides applied.
 
@@ -127,9 +148,7 @@ def load_reference(folder: Path, key_map: dict | None, overrides: dict):
 
     try:
         cfg, sd = load_checkpoint(folder, key_map=key_map)
-        for key in CONVENTION_FIELDS:
-            if overrides.get(key) is not None:
-                setattr(cfg.code, key, float(overrides[key]) if key == "scale" else overrides[key])
+        apply_overrides(cfg, overrides)
         if "code.A" in sd:
             cfg.code.A = sd["code.A"].numpy()
         if "code.b" in sd:
@@ -293,11 +312,20 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
     if out is not None:  # refuse a bad --out before touching the network or any weight
         check_arguments(Path(out), code, precision, provider, opset, force, trust_remote_code, overrides)
     with stages("load"):
-        folder, source_info = resolve_source(model)
+        folder, source_info = resolve_source(model, with_code=trust_remote_code)
         out = Path(out) if out is not None else default_out(folder.name, code, precision)
         check_arguments(out, code, precision, provider, opset, force, trust_remote_code, overrides)
         key_map = read_key_map(key_map)
         lm = load_reference(folder, key_map, overrides)  # validates everything before the long stages
+        if trust_remote_code:
+            from .remote import check_remote
+
+            check = check_remote(folder, lm, log)
+            overrides.update(check.conventions)  # the trace child and the gate build the same reference
+            apply_overrides(lm.cfg, overrides)
+            source_info["remote_code"] = check.to_dict()
+        else:
+            note_folder_code(folder, log)
     cfg = lm.cfg
     del lm  # the trace runs in a child process and the gate reloads the reference (export_isolated)
     log(f"[export] model {folder} (V {cfg.vocab_size}, d {cfg.hidden_size}, {cfg.num_hidden_layers} layers) "

@@ -22,8 +22,11 @@ def looks_like_hub_id(text: str) -> bool:
     return bool(_HUB_ID.match(text)) and not text.startswith((".", "/"))
 
 
-def resolve_source(model: str | os.PathLike | None) -> tuple[Path, dict]:
-    """Return the local checkpoint folder and a record of where it came from (for the manifest)."""
+def resolve_source(model: str | os.PathLike | None, with_code: bool = False) -> tuple[Path, dict]:
+    """Return the local checkpoint folder and a record of where it came from (for the manifest).
+
+    `with_code` (--trust-remote-code) also fetches the repository's *.py model code from the hub.
+    """
     if model is None:
         if DEMO_MODEL_DIR.is_dir():
             return DEMO_MODEL_DIR, {"path": str(DEMO_MODEL_DIR), "hub_id": None, "demo": True}
@@ -38,11 +41,11 @@ def resolve_source(model: str | os.PathLike | None) -> tuple[Path, dict]:
         return path.resolve(), {"path": str(path.resolve()), "hub_id": None}
     text = str(model)
     if looks_like_hub_id(text):
-        return download(text), {"path": None, "hub_id": text}
+        return download(text, with_code), {"path": None, "hub_id": text}
     raise ExportError(f"--model {model}: no such folder; pass a checkpoint folder or a hub id like OWNER/NAME")
 
 
-def download(hub_id: str) -> Path:
+def download(hub_id: str, with_code: bool = False) -> Path:
     """Fetch a hub snapshot (no pickles). Offline or unknown ids give one readable error."""
     try:
         from huggingface_hub import snapshot_download
@@ -54,7 +57,7 @@ def download(hub_id: str) -> Path:
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
     try:
-        folder = snapshot_download(repo_id=hub_id, allow_patterns=HUB_PATTERNS)
+        folder = snapshot_download(repo_id=hub_id, allow_patterns=HUB_PATTERNS + (["*.py"] if with_code else []))
     except Exception as e:  # offline, unknown repo, gated repo, ... all end the same way for the user
         kind = type(e).__name__
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
