@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         build(args.model, args.out, code=args.code, precision=args.precision, provider=args.provider,
               opset=args.opset, force=args.force, verify=not args.no_verify, key_map=args.key_map,
               trust_remote_code=args.trust_remote_code, log=stderr_log, bit_order=args.bit_order,
-              values=args.values, tiling=args.tiling, scale=args.scale)
+              values=args.values, tiling=args.tiling, scale=args.scale, progress=True)
     except ExportError as e:
         if args.debug:
             raise

@@ -38,7 +38,8 @@ class Stages:
         self.log, self.heartbeat_s, self.seconds = log, heartbeat_s, {}
 
     @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
+    def __call__(self, name: str, heartbeat: bool = True) -> Iterator[None]:
+        """`heartbeat=False` where a progress bar already shows the stage moving."""
         t0 = time.perf_counter()
         done = threading.Event()
 
@@ -46,8 +47,8 @@ class Stages:
             while not done.wait(self.heartbeat_s):
                 self.log(f"  ... {name} still running ({time.perf_counter() - t0:.0f} s)")
 
-        th = threading.Thread(target=beat, daemon=True)
-        th.start()
+        if heartbeat:
+            threading.Thread(target=beat, daemon=True).start()
         try:
             yield
         finally:
@@ -302,8 +303,11 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
           precision: str = "fp32", provider: str = "cpu", opset: int | None = None, force: bool = False,
           verify: bool = True, key_map: str | os.PathLike | dict | None = None, trust_remote_code: bool = False,
           log: Callable[[str], None] = print, *, bit_order: str | None = None, values: str | None = None,
-          tiling: str | None = None, scale: float | None = None, _lift_code=None) -> Path:
-    """Export `model` to a verified artifact folder and return its path; raises ExportError."""
+          tiling: str | None = None, scale: float | None = None, progress: bool = False, _lift_code=None) -> Path:
+    """Export `model` to a verified artifact folder and return its path; raises ExportError.
+
+    `progress` draws a bar on stderr for the parity gate when stderr is a terminal (the CLI sets it).
+    """
     from .hub import resolve_source
 
     opset = DEFAULT_OPSET if opset is None else int(opset)
@@ -348,15 +352,18 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
             artifact.write_genai_config(staging, cfg, provider)
         parity, verified, passed = {"skipped": "--no-verify"}, [], True
         if verify:
-            from .verify import expectations, run_gate
+            from .progress import Bar
+            from .verify import expectations, gate_units, run_gate
 
-            with stages("verify"):
+            bar = Bar("verify", gate_units(cfg), enabled=progress and sys.stderr.isatty())
+            with stages("verify", heartbeat=not bar.enabled):
                 vprov = verify_providers(provider, log)
                 lm = load_reference(folder, key_map, overrides)
-                expected = expectations(lm, staging, log)
+                expected = expectations(lm, staging, log, bar=bar)
                 del lm  # the reference's weights go before ONNX Runtime loads the artifact's copy
                 gc.collect()
-                report = run_gate(staging, expected, precision, vprov, log)
+                report = run_gate(staging, expected, precision, vprov, log, bar=bar)
+                bar.close()
             log(report.table())
             parity, passed = report.to_dict(), report.passed
             verified = [report.provider] if passed else []

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -26,6 +27,7 @@ from runtime.interface import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP
                                past_names, present_names)
 
 from .floors import FP32_REL_TOL, GREEDY_TOKENS, floors_for
+from .progress import Bar, NoBar
 
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -116,7 +118,8 @@ def ref_logits(lm: TableFreeLM, ids: np.ndarray, mask: np.ndarray | None = None)
     return lm(ids_t, attention_mask=mask_t)[0].float().numpy()
 
 
-def ort_greedy(m: OrtLM, rows: list[list[int]], steps: int, pad_id: int = 0) -> list[list[int]]:
+def ort_greedy(m: OrtLM, rows: list[list[int]], steps: int, pad_id: int = 0,
+               tick: Callable[..., None] | None = None) -> list[list[int]]:
     """Greedy decoding of left-padded rows through the KV cache (prefill once, then one token a step)."""
     B, T = len(rows), max(len(r) for r in rows)
     ids = np.full((B, T), pad_id, np.int64)
@@ -129,6 +132,8 @@ def ort_greedy(m: OrtLM, rows: list[list[int]], steps: int, pad_id: int = 0) -> 
         nxt = logits[:, -1].argmax(-1)
         for i in range(B):
             out[i].append(int(nxt[i]))
+        if tick is not None:
+            tick(1, "greedy")
         if step == steps - 1:
             break
         mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
@@ -136,7 +141,19 @@ def ort_greedy(m: OrtLM, rows: list[list[int]], steps: int, pad_id: int = 0) -> 
     return out
 
 
-def check_lift(report: Report, model_path: Path, cfg: ModelConfig, providers: list[str], chunk: int = 8192) -> None:
+LIFT_CHUNK = 8192
+PADDED_STEPS = 16
+EXPECT_UNITS = 5  # reference side: held-out ids, batch, sequence, greedy, held-out logits
+
+
+def gate_units(cfg: ModelConfig) -> int:
+    """How many progress steps `expectations` + `run_gate` take (lift chunks, cache steps, ...)."""
+    lift_chunks = -(-cfg.vocab_size // LIFT_CHUNK)
+    return EXPECT_UNITS + lift_chunks + 2 + 16 + GREEDY_TOKENS + 3 * PADDED_STEPS + 1
+
+
+def check_lift(report: Report, model_path: Path, cfg: ModelConfig, providers: list[str], chunk: int = LIFT_CHUNK,
+               tick: Callable[..., None] | None = None) -> None:
     """Exhaustive: the artifact's own lift nodes give exactly reference.lift.lift for all V ids."""
     try:
         proto = onnx.load(str(model_path), load_external_data=False)
@@ -158,6 +175,8 @@ def check_lift(report: Report, model_path: Path, cfg: ModelConfig, providers: li
         want = lift(torch.from_numpy(ids), cfg.code, cfg.hidden_size).numpy().astype(got.dtype)
         rows_bad = np.nonzero(~np.all(got[0] == want[0], axis=-1))[0]
         bad += len(rows_bad)
+        if tick is not None:
+            tick(1, "lift")
         if first_bad is None and len(rows_bad):
             first_bad = int(ids[0, rows_bad[0]])
     detail = "" if not bad else f"first differing id {first_bad}"
@@ -232,9 +251,12 @@ class Expected:
     held_logits: np.ndarray
 
 
-def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = print, seed: int = 0) -> Expected:
+def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = print, seed: int = 0,
+                 bar: Bar | None = None) -> Expected:
     """Run the reference side of every check (SPEC 5) on seeded inputs."""
     from reference.generate import generate
+
+    bar = bar or NoBar()
 
     lm.eval()
     cfg = lm.cfg
@@ -245,15 +267,22 @@ def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = pri
     prompt = [int(x) for x in rng.integers(0, V, size=8)]
     padded_rows = [[int(x) for x in rng.integers(0, V, size=n)] for n in (5, 9)]
     held_ids, held_source = heldout_tokens(lm, folder, 4, 64, log)
-    return Expected(
-        cfg=cfg, batch_ids=batch_ids, batch_logits=ref_logits(lm, batch_ids), seq_ids=seq_ids,
-        seq_logits=ref_logits(lm, seq_ids), prompt=prompt,
-        greedy_tokens=list(generate(lm, prompt, GREEDY_TOKENS, do_sample=False)), padded_rows=padded_rows,
-        held_ids=held_ids, held_source=held_source, held_logits=ref_logits(lm, held_ids))
+    bar.advance(1, "reference: held-out text")
+    batch_logits = ref_logits(lm, batch_ids)
+    bar.advance(1, "reference: batch")
+    seq_logits = ref_logits(lm, seq_ids)
+    bar.advance(1, "reference: sequence")
+    greedy = list(generate(lm, prompt, GREEDY_TOKENS, do_sample=False))
+    bar.advance(1, "reference: greedy")
+    held_logits = ref_logits(lm, held_ids)
+    bar.advance(1, "reference: held-out logits")
+    return Expected(cfg=cfg, batch_ids=batch_ids, batch_logits=batch_logits, seq_ids=seq_ids, seq_logits=seq_logits,
+                    prompt=prompt, greedy_tokens=greedy, padded_rows=padded_rows, held_ids=held_ids,
+                    held_source=held_source, held_logits=held_logits)
 
 
 def run_gate(folder: Path, e: Expected, precision: str = "fp32", provider: str = "cpu",
-             log: Callable[[str], None] = print) -> Report:
+             log: Callable[[str], None] = print, bar: Bar | None = None) -> Report:
     """All SPEC 5 checks on the saved artifact in `folder` against the reference values `e` (from
     `expectations`); returns the report (never raises on a failed check)."""
     folder = Path(folder)
@@ -262,8 +291,9 @@ def run_gate(folder: Path, e: Expected, precision: str = "fp32", provider: str =
     report = Report(precision, providers[0])
     exact = precision == "fp32"
     m = OrtLM(folder, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size, providers)
+    tick = (bar or NoBar()).advance
 
-    check_lift(report, folder / MODEL_FILE, cfg, providers)
+    check_lift(report, folder / MODEL_FILE, cfg, providers, tick=tick)
 
     # 1. a prompt batch, full sequence, empty past
     ids, want = e.batch_ids, e.batch_logits
@@ -273,6 +303,7 @@ def run_gate(folder: Path, e: Expected, precision: str = "fp32", provider: str =
     diff = float(np.abs(got - want).max())
     bound = FP32_REL_TOL * scale
     report.add("logits max|diff| (batch 2 x 12)", diff, f"<= {bound:.3g}", diff <= bound, required=exact)
+    tick(1, "batch")
     if m.has_keep:  # the runtime's prompt path: the head on the last position only
         last, _ = m(ids, mask, positions(mask), keep=1)
         ok = last.shape[1] == 1
@@ -283,6 +314,7 @@ def run_gate(folder: Path, e: Expected, precision: str = "fp32", provider: str =
         kbound = bound if exact else max(bound, 1.5 * diff)
         report.add(f"{LOGITS_TO_KEEP}=1 last-position logits", kdiff, f"<= {kbound:.3g}", ok and kdiff <= kbound,
                    detail="vs reference" + ("" if ok else f"; shape {last.shape}"))
+    tick(1, LOGITS_TO_KEEP)
 
     # 2. teacher forcing one token at a time through the cache vs the full-sequence reference
     seq, want = e.seq_ids, e.seq_logits
@@ -291,20 +323,21 @@ def run_gate(folder: Path, e: Expected, precision: str = "fp32", provider: str =
         mask = np.ones((1, t + 1), np.int64)
         got, past = m(seq[:, t:t + 1], mask, np.array([[t]]), past)
         worst = max(worst, float(np.abs(got[0, -1] - want[0, t]).max()))
+        tick(1, "teacher-forced")
     bound = FP32_REL_TOL * float(np.abs(want).max())
     report.add("teacher-forced max|diff| (16 steps)", worst, f"<= {bound:.3g}", worst <= bound, required=exact)
 
     # 3. greedy generation, token for token, against reference.generate.generate
     ref_tokens = e.greedy_tokens
-    ort_tokens = ort_greedy(m, [e.prompt], GREEDY_TOKENS)[0]
+    ort_tokens = ort_greedy(m, [e.prompt], GREEDY_TOKENS, tick=tick)[0]
     match = next((i for i, (a, b) in enumerate(zip(ref_tokens, ort_tokens)) if a != b), min(len(ref_tokens), len(ort_tokens)))
     report.add("greedy tokens equal", match, f">= {GREEDY_TOKENS}", match >= GREEDY_TOKENS, required=exact)
 
     # 4. a left-padded batch gives each row what that row gives alone
     rows = e.padded_rows
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    batch = ort_greedy(m, rows, 16, pad)
-    solo = [ort_greedy(m, [r], 16, pad)[0] for r in rows]
+    batch = ort_greedy(m, rows, PADDED_STEPS, pad, tick=tick)
+    solo = [ort_greedy(m, [r], PADDED_STEPS, pad, tick=tick)[0] for r in rows]
     same = sum(a == b for a, b in zip(batch, solo))
     report.add("left-padded batch == solo rows", f"{same}/{len(rows)}", "all rows", same == len(rows), required=exact)
 
@@ -312,6 +345,7 @@ def run_gate(folder: Path, e: Expected, precision: str = "fp32", provider: str =
     held, source = e.held_ids, e.held_source
     mask = np.ones_like(held)
     q = quality(e.held_logits, m(held, mask, positions(mask))[0], held)
+    tick(1, "held-out quality")
     fl = floors_for(precision)
     report.add("top-1 agreement", q["top1"], f">= {fl['top1']}", q["top1"] >= fl["top1"], detail=source)
     report.add("KL(ref || artifact) nats", q["kl"], f"<= {fl['kl']}", q["kl"] <= fl["kl"], detail=source)

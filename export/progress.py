@@ -1,0 +1,46 @@
+"""A one-line progress bar for the exporter's long stages, drawn only on a terminal.
+
+Why its own 40 lines and not tqdm: the runtime's users never see it, the exporter needs exactly
+one bar at a time, and in logs (CI, pipes) a bar is noise: there the stage heartbeat lines speak.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+WIDTH = 28
+
+
+class Bar:
+    """`bar.advance(n, what)` moves the bar; `bar.close()` clears the line. Silent when not on a TTY."""
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None, enabled: bool | None = None):
+        self.label, self.total, self.done = label, max(int(total), 1), 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.t0 = self._last = time.perf_counter()
+
+    def advance(self, n: int = 1, what: str = "") -> None:
+        self.done = min(self.done + n, self.total)
+        now = time.perf_counter()
+        if not self.enabled or (now - self._last < 0.1 and self.done < self.total):
+            return
+        self._last = now
+        filled = WIDTH * self.done // self.total
+        line = (f"\r[export] {self.label:<10} |{'#' * filled}{'.' * (WIDTH - filled)}| "
+                f"{self.done}/{self.total} {now - self.t0:5.1f} s {what}")
+        self.stream.write(line[:120].ljust(120))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\r" + " " * 120 + "\r")
+            self.stream.flush()
+
+
+class NoBar(Bar):
+    """What library callers get by default: the same interface, never drawn."""
+
+    def __init__(self) -> None:
+        super().__init__("", 1, enabled=False)
