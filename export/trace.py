@@ -21,6 +21,8 @@ from runtime.interface import ATTENTION_MASK, LOGITS, POSITION_IDS, past_names, 
 
 INPUTS_EMBEDS = "inputs_embeds"
 DEFAULT_OPSET = 21  # loads in onnxruntime >= 1.17; LayerNormalization is in the default domain
+# the vocabulary head is traced as column blocks of at most this many bytes (see SplitHead)
+HEAD_CHUNK_BYTES = 32 * 2**20
 
 
 class MatMulLinear(nn.Module):
@@ -36,15 +38,41 @@ class MatMulLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class SplitHead(nn.Module):
+    """The vocabulary head as `parts` MatMuls over column blocks of W^T, concatenated.
+
+    Why: ONNX Runtime prepacks each MatMul weight at session load and holds the packed and the
+    original copy of a tensor at once while it does; for the 0.5B model's 268 MB head that is the
+    whole of the load's peak above the weights (HWM 2.16 GB vs 1.90 GB after load, measured;
+    benchmarks/RESULTS.md). Blocks of <= 32 MB make that transient 8x smaller. Each logit is the
+    same dot product as before; the parity gate checks it.
+    """
+
+    def __init__(self, linear: nn.Linear, parts: int):
+        super().__init__()
+        weight_t = linear.weight.detach().t()
+        self.blocks = nn.ParameterList(nn.Parameter(b.contiguous(), requires_grad=False)
+                                       for b in weight_t.tensor_split(parts, dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.matmul(x, b) for b in self.blocks], dim=-1)
+
+
+def head_parts(linear: nn.Linear) -> int:
+    return max(1, -(-linear.weight.numel() * linear.weight.element_size() // HEAD_CHUNK_BYTES))
+
+
 @contextlib.contextmanager
 def matmul_linears(lm: nn.Module) -> Iterator[None]:
-    """Swap every nn.Linear for MatMulLinear during tracing; the module path stays the same."""
+    """Swap every nn.Linear for MatMulLinear (the head for SplitHead when it is large) during tracing;
+    the module path stays the same."""
     swapped: list[tuple[nn.Module, str, nn.Linear]] = []
     for _, parent in list(lm.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 swapped.append((parent, name, child))
-                setattr(parent, name, MatMulLinear(child))
+                parts = head_parts(child) if child is getattr(lm, "lm_head", None) and child.bias is None else 1
+                setattr(parent, name, SplitHead(child, parts) if parts > 1 else MatMulLinear(child))
     try:
         yield
     finally:

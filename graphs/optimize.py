@@ -31,6 +31,22 @@ def _producer(graph: onnx.GraphProto, name: str) -> onnx.NodeProto | None:
     return next((n for n in graph.node if name in n.output), None)
 
 
+def head_matmuls(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The MatMul(s) of the vocabulary head: the one writing `logits`, or the column blocks a
+    Concat joins into `logits` (export.trace.SplitHead); [] when the graph has another shape."""
+    head = _producer(graph, LOGITS)
+    if head is not None and head.op_type == "MatMul":
+        return [head]
+    if head is None or head.op_type != "Concat":
+        return []
+    parts = [_producer(graph, name) for name in head.input]
+    if not parts or any(p is None or p.op_type != "MatMul" for p in parts):
+        return []
+    if len({p.input[0] for p in parts}) != 1:
+        return []
+    return parts
+
+
 def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
     """Insert Slice(hidden, -logits_to_keep:) in front of the final norm; in place, returned.
 
@@ -40,9 +56,12 @@ def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
     g = model.graph
     if any(i.name == LOGITS_TO_KEEP for i in g.input):
         raise OptimizeError(f"the graph already has an input {LOGITS_TO_KEEP!r}")
-    head = _producer(g, LOGITS)
-    if head is None or head.op_type != "MatMul":
-        raise OptimizeError(f"{LOGITS} is not produced by a MatMul (got {head.op_type if head else None}); cannot find the head")
+    heads = head_matmuls(g)
+    if not heads:
+        found = _producer(g, LOGITS)
+        raise OptimizeError(f"{LOGITS} is not produced by a MatMul or a Concat of MatMuls (got "
+                            f"{found.op_type if found else None}); cannot find the head")
+    head = heads[0]
     # walk back from the head's activation input to the first node that is still per position only
     node = _producer(g, head.input[0])
     seen = 0

@@ -224,9 +224,11 @@ def quantize_int8(src: str | Path, dst: str | Path, weight_type: str = "QUInt8",
             "per_channel": per_channel, "excluded_nodes": exclude}
 
 
-def _head_node(model: onnx.ModelProto) -> str | None:
-    """The MatMul that writes `logits` (the vocabulary head)."""
-    return next((n.name for n in model.graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
+def _head_nodes(model: onnx.ModelProto) -> list[str]:
+    """The vocabulary head's MatMul node(s) (one, or its column blocks joined by a Concat)."""
+    from .optimize import head_matmuls
+
+    return [n.name for n in head_matmuls(model.graph)]
 
 
 def quantize_nbits(src: str | Path, dst: str | Path, bits: int = 4, block_size: int = 32, accuracy_level: int = 4,
@@ -242,16 +244,16 @@ def quantize_nbits(src: str | Path, dst: str | Path, bits: int = 4, block_size: 
     src, dst = Path(src), Path(dst)
     model = _load_light(src)
     exclude = lift_node_names(model)
-    head = _head_node(model) if head_bits not in (None, bits) else None
+    head = _head_nodes(model) if head_bits not in (None, bits) else []
     onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=is_symmetric,
-                             accuracy_level=accuracy_level, nodes_to_exclude=exclude + ([head] if head else []),
+                             accuracy_level=accuracy_level, nodes_to_exclude=exclude + head,
                              op_types_to_quantize=("MatMul",))
     q.process()
     out = q.model.model
     if head:
         q = MatMulNBitsQuantizer(out, bits=head_bits, block_size=block_size, is_symmetric=is_symmetric,
-                                 accuracy_level=accuracy_level, nodes_to_include=[head], nodes_to_exclude=exclude,
+                                 accuracy_level=accuracy_level, nodes_to_include=head, nodes_to_exclude=exclude,
                                  op_types_to_quantize=("MatMul",))
         q.process()
         out = q.model.model

@@ -101,3 +101,44 @@ def test_rotary_fused_and_exact(tiny_artifacts, ref, want):
     s, feed = _feed(folder, len(IDS))
     got = s.run([I.LOGITS], feed)[0][0]
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_split_head_is_exact_and_quantizes_as_the_head(tiny_ckpt, tmp_path, monkeypatch):
+    """A head above HEAD_CHUNK_BYTES is traced as column blocks joined by a Concat: the logits (all
+    positions and logits_to_keep=1) still equal the reference's, and int4's 8-bit head finds every block."""
+    import export.trace
+    from export.build import Stages, export_graph, load_reference
+    from graphs.optimize import head_matmuls
+    from graphs.quantize import quantize_nbits
+    from reference.checkpoint import load_model
+
+    monkeypatch.setattr(export.trace, "HEAD_CHUNK_BYTES", 4 * 2**20)  # the tiny head is 16 MiB: 4 blocks
+    lm = load_reference(tiny_ckpt, None, {})
+    path = export_graph(lm, tmp_path / "fp32", "arith", 21, Stages(lambda m: None))
+    proto = onnx.load(str(path), load_external_data=False)
+    heads = head_matmuls(proto.graph)
+    assert len(heads) == 4
+    blocks = {i.name: i for i in proto.graph.initializer}
+    assert all(blocks[h.input[1]].dims[1] == 65536 // 4 for h in heads)
+
+    ids = np.random.default_rng(3).integers(0, 65536, size=(2, 9))
+    with torch.no_grad():
+        want = load_model(tiny_ckpt)(torch.as_tensor(ids))[0].numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    L = lm.cfg.num_hidden_layers
+    H, hs = lm.cfg.num_attention_heads, lm.cfg.head_size
+    feed = {I.INPUT_IDS: ids, I.ATTENTION_MASK: np.ones_like(ids), I.POSITION_IDS: np.tile(np.arange(9), (2, 1)),
+            **{n: np.zeros((2, H, 0, hs), np.float32) for n in I.past_names(L)}}
+    got = sess.run([I.LOGITS], feed)[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    last = sess.run([I.LOGITS], {**feed, I.LOGITS_TO_KEEP: np.array([1], np.int64)})[0]
+    assert last.shape == (2, 1, 65536) and np.abs(last[:, 0] - want[:, -1]).max() <= 1e-4 * np.abs(want).max()
+
+    q = tmp_path / "int4"
+    q.mkdir()
+    quantize_nbits(path, q / I.MODEL_FILE, bits=4, block_size=32, is_symmetric=False, head_bits=8)
+    qp = onnx.load(str(q / I.MODEL_FILE), load_external_data=False)
+    concat = next(n for n in qp.graph.node if I.LOGITS in n.output)
+    producers = [next(n for n in qp.graph.node if x in n.output) for x in concat.input]
+    bits = [next(a.i for a in p.attribute if a.name == "bits") for p in producers]
+    assert [p.op_type for p in producers] == ["MatMulNBits"] * 4 and bits == [8] * 4
