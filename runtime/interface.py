@@ -10,6 +10,10 @@ FORMAT_VERSION = 1
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+# optional second graph (graphs/gqa.py): the same weights (it reads DATA_FILE), but each layer's
+# cache is one preallocated buffer that past and present share (com.microsoft.GroupQueryAttention),
+# so a decode step writes one position instead of copying the cache. Batch 1; SPEC 3 stays in MODEL_FILE.
+KV_MODEL_FILE = "model.kv.onnx"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -23,6 +27,10 @@ LOGITS = "logits"
 # optional input (default 0 = every position): logits only for the last N positions, so a prompt
 # skips the vocabulary head on positions whose logits nobody reads (graphs/optimize.py)
 LOGITS_TO_KEEP = "logits_to_keep"
+
+# inputs of KV_MODEL_FILE instead of attention_mask / position_ids (GroupQueryAttention's own names)
+SEQLENS_K = "seqlens_k"  # int32 [batch]: tokens in the cache after this step, minus 1
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar: max over the batch of seqlens_k + 1
 
 PAST_KEY = "past_key_values.{i}.key"
 PAST_VALUE = "past_key_values.{i}.value"
@@ -55,3 +63,8 @@ def input_names(num_layers: int) -> list[str]:
 
 def output_names(num_layers: int) -> list[str]:
     return [LOGITS, *present_names(num_layers)]
+
+
+def kv_input_names(num_layers: int) -> list[str]:
+    """Inputs of KV_MODEL_FILE (LOGITS_TO_KEEP is optional there too); outputs are output_names."""
+    return [INPUT_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *past_names(num_layers)]
