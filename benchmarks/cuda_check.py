@@ -10,6 +10,8 @@ lift mode with kernels on every provider). Checks, printed as a table (exit 0 on
   logits         CUDA vs CPU logits of a left-padded prompt batch, max|diff| / max|logit| <= 1e-4
                  (also with TF32 turned off, to tell TF32 rounding from a real error)
   greedy         64 greedy tokens on CUDA == on CPU; a 4-prompt batch on CUDA == each row alone
+  kv graph       whether model.kv.onnx (float32 GroupQueryAttention) can run on CUDA (information only;
+                 the runtime serves model.onnx on CUDA)
   speed          decode ms/token on CUDA and on CPU (information only)
 On a machine without CUDA it prints one line saying what is missing and exits with status 2.
 """
@@ -164,6 +166,14 @@ def main() -> int:
     alone = [gpu.generate(r, max_new_tokens=24).ids for r in ids_rows]
     ok = sum(x.ids == y for x, y in zip(batch, alone))
     rows.append(("CUDA batch rows == alone", f"{ok}/4", "4/4", ok == 4))
+    # the shared-cache graph is float32; ONNX Runtime's CUDA GroupQueryAttention is float16/bfloat16,
+    # so runtime.load(provider="cuda") serves model.onnx. Recorded here: what forcing it does.
+    try:
+        kv = runtime.load(folder, provider="cpu" if args.cpu_dry_run else "cuda", graph="kv")
+        g_kv = kv.generate(ids_rows[2], max_new_tokens=n).ids
+        rows.append(("model.kv.onnx forced on CUDA (info)", f"runs; greedy == CPU: {g_kv == g_cpu}", "info", True))
+    except Exception as e:  # expected without a float32 CUDA kernel: say what ORT said
+        rows.append(("model.kv.onnx forced on CUDA (info)", f"refused: {str(e).splitlines()[0][:60]}", "info", True))
     ms_gpu, ms_cpu = decode_ms(gpu), decode_ms(cpu)
     rows.append(("decode ms/token CUDA | CPU", f"{ms_gpu:.3f} | {ms_cpu:.3f}", "info", True))
 

@@ -55,6 +55,10 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--key-map", metavar="FILE", help="JSON object mapping the checkpoint's tensor names to ours (SPEC 2), for foreign checkpoints")
     b.add_argument("--force", action="store_true", help="replace an existing --out (only after the new artifact passed the gate)")
     b.add_argument("--no-verify", action="store_true", help="skip the parity gate (the manifest then says it was skipped)")
+    b.add_argument("--no-kv-graph", action="store_true",
+                   help="do not add model.kv.onnx, the second graph (same weights file) whose KV cache is one shared "
+                        "buffer per layer (GroupQueryAttention): the runtime decodes single prompts on it without "
+                        "copying the cache each step. Without it every call runs on model.onnx")
     b.add_argument("--bit-order", choices=("lsb_first", "msb_first"), help="override the code's bit order")
     b.add_argument("--values", choices=("zero_one", "plus_minus_one"), help="override the code's value map")
     b.add_argument("--tiling", choices=("repeat", "interleave"), help="override how the K code values tile the width d")
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         build(args.model, args.out, code=args.code, precision=args.precision, provider=args.provider,
               opset=args.opset, force=args.force, verify=not args.no_verify, key_map=args.key_map,
               trust_remote_code=args.trust_remote_code, log=stderr_log, bit_order=args.bit_order,
-              values=args.values, tiling=args.tiling, scale=args.scale, progress=True)
+              values=args.values, tiling=args.tiling, scale=args.scale, progress=True,
+              kv_graph=not args.no_kv_graph)
     except ExportError as e:
         if args.debug:
             raise

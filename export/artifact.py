@@ -131,7 +131,7 @@ def producer_versions() -> dict[str, str]:
 
 def write_manifest(folder: Path, *, cfg: ModelConfig, source_info: dict, source: Path, mode: str,
                    precision: str, opset: int, providers_verified: list[str], parity: dict | None,
-                   stages: dict[str, float]) -> dict:
+                   stages: dict[str, float], kv_graph: dict | None = None) -> dict:
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -141,6 +141,7 @@ def write_manifest(folder: Path, *, cfg: ModelConfig, source_info: dict, source:
         "lift": {"mode": mode, **cfg.code.to_dict(with_matrix=True)},
         "precision": precision,
         "opset": opset,
+        "kv_graph": kv_graph or {"file": None},
         "providers_verified": providers_verified,
         "parity": parity,
         "stage_seconds": {k: round(v, 3) for k, v in stages.items()},

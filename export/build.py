@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from runtime.interface import DATA_FILE, LIFT_MODES, MODEL_FILE, PRECISIONS
+from runtime.interface import DATA_FILE, KV_MODEL_FILE, LIFT_MODES, MODEL_FILE, PRECISIONS
 
 from .errors import ExportError
 from .trace import DEFAULT_OPSET
@@ -286,6 +286,24 @@ def convert_precision(src: Path, dst_dir: Path, precision: str) -> None:
         raise ExportError(f"{precision} conversion wrote no {DATA_FILE} beside {dst}; this is a bug in graphs.quantize")
 
 
+def write_kv(folder: Path, log: Callable[[str], None]) -> dict:
+    """The shared-cache decoder graph beside model.onnx (graphs/gqa.py), or a note why there is none.
+
+    Optional by design: the artifact is complete without it (SPEC 3 is model.onnx); the runtime
+    uses it for single prompts because a decode step then writes one cache position instead of
+    copying the whole cache (benchmarks/RESULTS.md).
+    """
+    from graphs.gqa import GQAError, write_kv_graph
+
+    try:
+        write_kv_graph(folder)
+    except GQAError as e:
+        log(f"[export] note: no {KV_MODEL_FILE} ({e}); the runtime serves every call with {MODEL_FILE}")
+        return {"file": None, "reason": str(e)}
+    return {"file": KV_MODEL_FILE, "cache": "one [batch, heads, max_len, head_size] buffer per layer, past == present",
+            "op": "com.microsoft.GroupQueryAttention", "batch": 1}
+
+
 def verify_providers(provider: str, log: Callable[[str], None]) -> str:
     """The provider the gate runs on: cuda when asked and installed, else cpu with a warning."""
     if provider != "cuda":
@@ -303,10 +321,12 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
           precision: str = "fp32", provider: str = "cpu", opset: int | None = None, force: bool = False,
           verify: bool = True, key_map: str | os.PathLike | dict | None = None, trust_remote_code: bool = False,
           log: Callable[[str], None] = print, *, bit_order: str | None = None, values: str | None = None,
-          tiling: str | None = None, scale: float | None = None, progress: bool = False, _lift_code=None) -> Path:
+          tiling: str | None = None, scale: float | None = None, progress: bool = False, kv_graph: bool = True,
+          _lift_code=None) -> Path:
     """Export `model` to a verified artifact folder and return its path; raises ExportError.
 
     `progress` draws a bar on stderr for the parity gate when stderr is a terminal (the CLI sets it).
+    `kv_graph` adds model.kv.onnx, the shared-cache decoder graph (checked by the same gate).
     """
     from .hub import resolve_source
 
@@ -350,12 +370,17 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
             artifact.write_generation_config(staging, cfg, folder)
             artifact.copy_tokenizer(staging, folder)
             artifact.write_genai_config(staging, cfg, provider)
+        kv_info = {"file": None, "reason": "--no-kv-graph"}
+        if kv_graph:
+            with stages("kv graph"):
+                kv_info = write_kv(staging, log)
         parity, verified, passed = {"skipped": "--no-verify"}, [], True
         if verify:
             from .progress import Bar
             from .verify import expectations, gate_units, run_gate
 
-            bar = Bar("verify", gate_units(cfg), enabled=progress and sys.stderr.isatty())
+            bar = Bar("verify", gate_units(cfg, kv_graph=kv_info["file"] is not None),
+                      enabled=progress and sys.stderr.isatty())
             with stages("verify", heartbeat=not bar.enabled):
                 vprov = verify_providers(provider, log)
                 lm = load_reference(folder, key_map, overrides)
@@ -370,7 +395,7 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
         with stages("manifest"):
             artifact.write_manifest(staging, cfg=cfg, source_info=source_info, source=folder, mode=code,
                                     precision=precision, opset=opset, providers_verified=verified, parity=parity,
-                                    stages=stages.seconds)
+                                    stages=stages.seconds, kv_graph=kv_info)
         if not passed:
             failed = artifact.keep_failed(staging, out)
             bad = ", ".join(c["name"] for c in parity["checks"] if c["required"] and not c["passed"])

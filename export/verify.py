@@ -23,8 +23,8 @@ from graphs.lift import extract_lift
 from reference.lift import lift
 from reference.config import ModelConfig
 from reference.model import TableFreeLM
-from runtime.interface import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, MODEL_FILE, POSITION_IDS,
-                               past_names, present_names)
+from runtime.interface import (ATTENTION_MASK, INPUT_IDS, KV_MODEL_FILE, LOGITS, LOGITS_TO_KEEP, MODEL_FILE,
+                               POSITION_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, past_names, present_names)
 
 from .floors import FP32_REL_TOL, GREEDY_TOKENS, floors_for
 from .progress import Bar, NoBar
@@ -106,6 +106,46 @@ class OrtLM:
         return out[0].astype(np.float32), out[1:]
 
 
+class KvLM:
+    """The artifact's shared-cache graph (KV_MODEL_FILE), batch 1, driven with plain IO binding:
+    `prefill(ids [1, S])` then `step(token)`, each returning logits [S or 1, V] as numpy."""
+
+    def __init__(self, folder: Path, num_layers: int, heads: int, head_size: int, providers: list[str],
+                 max_len: int):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        self.sess = ort.InferenceSession(str(Path(folder) / KV_MODEL_FILE), so, providers=providers)
+        types = {i.name: i.type for i in self.sess.get_inputs()}
+        dtype = _ORT_FLOAT.get(types[past_names(num_layers)[0]], np.float32)
+        shape = (1, heads, max_len, head_size)
+        self.host = [np.zeros(shape, dtype) for _ in range(2 * num_layers)]
+        self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in self.host]
+        self.pairs = list(zip(past_names(num_layers), present_names(num_layers), self.buffers))
+        self.length = 0
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        S = ids.shape[1]
+        b = self.sess.io_binding()
+        b.bind_cpu_input(INPUT_IDS, ids.astype(np.int64))
+        b.bind_cpu_input(SEQLENS_K, np.array([self.length + S - 1], np.int32))
+        b.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(self.length + S, np.int32))
+        b.bind_output(LOGITS, "cpu")  # first: get_outputs() lists outputs in the order they were bound
+        for past, present, buf in self.pairs:
+            b.bind_ortvalue_input(past, buf)
+            b.bind_ortvalue_output(present, buf)
+        self.sess.run_with_iobinding(b)
+        self.length += S
+        return b.get_outputs()[0].numpy()[0].astype(np.float32)
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        self.length = 0
+        return self._run(ids)
+
+    def step(self, token: int) -> np.ndarray:
+        return self._run(np.array([[token]], np.int64))
+
+
 def positions(mask: np.ndarray) -> np.ndarray:
     """Positions count attended tokens only, so a left-padded row sees what it sees alone."""
     return np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
@@ -146,10 +186,11 @@ PADDED_STEPS = 16
 EXPECT_UNITS = 5  # reference side: held-out ids, batch, sequence, greedy, held-out logits
 
 
-def gate_units(cfg: ModelConfig) -> int:
+def gate_units(cfg: ModelConfig, kv_graph: bool = False) -> int:
     """How many progress steps `expectations` + `run_gate` take (lift chunks, cache steps, ...)."""
     lift_chunks = -(-cfg.vocab_size // LIFT_CHUNK)
-    return EXPECT_UNITS + lift_chunks + 2 + 16 + GREEDY_TOKENS + 3 * PADDED_STEPS + 1
+    kv = 1 + 16 + GREEDY_TOKENS + 1 if kv_graph else 0
+    return EXPECT_UNITS + lift_chunks + 2 + 16 + GREEDY_TOKENS + 3 * PADDED_STEPS + 1 + kv
 
 
 def check_lift(report: Report, model_path: Path, cfg: ModelConfig, providers: list[str], chunk: int = LIFT_CHUNK,
@@ -351,7 +392,51 @@ def run_gate(folder: Path, e: Expected, precision: str = "fp32", provider: str =
     report.add("KL(ref || artifact) nats", q["kl"], f"<= {fl['kl']}", q["kl"] <= fl["kl"], detail=source)
     report.add("perplexity ratio", q["ppl_ratio"], f"<= {fl['ppl_ratio']}", q["ppl_ratio"] <= fl["ppl_ratio"],
                detail=f"ppl {q['ppl']:.4g} vs fp32 reference {q['ppl_ref']:.4g}; {source}")
+    if (folder / KV_MODEL_FILE).is_file():
+        del m  # one session's weights at a time: the build's peak memory stays that of one graph
+        check_kv_graph(report, folder, e, precision, providers, tick)
     return report
+
+
+def check_kv_graph(report: Report, folder: Path, e: Expected, precision: str, providers: list[str],
+                   tick: Callable[..., None]) -> None:
+    """The same SPEC 5 checks on the shared-cache graph (batch 1): it must compute what the reference does."""
+    cfg = e.cfg
+    exact = precision == "fp32"
+    fl = floors_for(precision)
+    longest = max(e.batch_ids.shape[1], e.seq_ids.shape[1], len(e.prompt) + GREEDY_TOKENS, e.held_ids.shape[1])
+    kv = KvLM(folder, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size, providers, longest)
+
+    want = e.batch_logits[0]
+    got = kv.prefill(e.batch_ids[:1])
+    diff, bound = float(np.abs(got - want).max()), FP32_REL_TOL * float(np.abs(want).max())
+    report.add("kv graph: prompt logits max|diff|", diff, f"<= {bound:.3g}", diff <= bound, required=exact)
+    tick(1, "kv graph")
+
+    seq, want = e.seq_ids, e.seq_logits
+    worst = float(np.abs(kv.prefill(seq[:, :1])[-1] - want[0, 0]).max())
+    tick(1, "kv graph")
+    for t in range(1, seq.shape[1]):
+        worst = max(worst, float(np.abs(kv.step(int(seq[0, t]))[-1] - want[0, t]).max()))
+        tick(1, "kv graph")
+    bound = FP32_REL_TOL * float(np.abs(want).max())
+    report.add("kv graph: teacher-forced max|diff|", worst, f"<= {bound:.3g}", worst <= bound, required=exact)
+
+    tokens = [int(kv.prefill(np.array([e.prompt]))[-1].argmax())]
+    tick(1, "kv graph greedy")
+    while len(tokens) < GREEDY_TOKENS:
+        tokens.append(int(kv.step(tokens[-1])[-1].argmax()))
+        tick(1, "kv graph greedy")
+    match = next((i for i, (a, b) in enumerate(zip(e.greedy_tokens, tokens)) if a != b), GREEDY_TOKENS)
+    report.add("kv graph: greedy tokens equal", match, f">= {GREEDY_TOKENS}", match >= GREEDY_TOKENS, required=exact)
+
+    held = np.stack([kv.prefill(row[None]) for row in e.held_ids])
+    q = quality(e.held_logits, held, e.held_ids)
+    report.add("kv graph: top-1 agreement", q["top1"], f">= {fl['top1']}", q["top1"] >= fl["top1"], detail=e.held_source)
+    report.add("kv graph: KL(ref || artifact)", q["kl"], f"<= {fl['kl']}", q["kl"] <= fl["kl"], detail=e.held_source)
+    report.add("kv graph: perplexity ratio", q["ppl_ratio"], f"<= {fl['ppl_ratio']}", q["ppl_ratio"] <= fl["ppl_ratio"],
+               detail=e.held_source)
+    tick(1, "kv graph quality")
 
 
 def save_report(report: Report, path: Path) -> None:

@@ -1,9 +1,13 @@
 """`load` an artifact folder and run it: forward, generate, stream, score.
 
-One ONNX graph serves prefill and decode. The cache never round-trips through numpy: each step
-binds the previous step's `present.*` OrtValues as `past_key_values.*` (IO binding), so on CUDA
-the cache stays on the device and on the CPU nothing is copied. Only the small inputs go in and
-the logits come out as numpy. Every check on the caller's input runs before the first Run.
+Two graphs can serve an artifact. `model.onnx` (SPEC 3) takes the cache as `past_key_values.*`
+and returns `present.*` = past + new: the runtime binds each step's presents as the next step's
+pasts (IO binding), so the cache never round-trips through numpy, but the graph itself copies it
+every step. `model.kv.onnx`, when the exporter wrote one, holds the same weights with a cache of
+one preallocated buffer per layer that past and present share: a step writes one position and
+nothing else moves. Single prompts (generate, stream, score) run on it; batches and `forward`
+(the SPEC 3 interface) run on `model.onnx`, whose session opens on first use.
+Every check on the caller's input runs before the first Run.
 """
 from __future__ import annotations
 
@@ -108,16 +112,93 @@ class _Row:
     finish: str | None = None
 
 
-class Model:
-    """A loaded artifact. Thread-safe: each call binds its own inputs; the session is shared."""
+class _SharedCache:
+    """One batch-1 generation on KV_MODEL_FILE: the cache buffers, the inputs and the logits are
+    bound once; a decode step writes the token and the lengths into the bound arrays and runs.
 
-    def __init__(self, session: Any, info: ArtifactInfo, tokenizer: Tokenizer | None, ort: Any, device: str):
-        self.session = session
+    Why so bare: on small models the binding calls themselves were most of the loop's overhead
+    (benchmarks/RESULTS.md); here a step makes no binding call at all.
+    """
+
+    def __init__(self, m: "Model", max_len: int):
+        ort, self.sess = m._ort, m.kv_session
+        self.b = b = self.sess.io_binding()
+        self.logits = np.empty((1, 1, m.vocab_size), np.float32)
+        # logits first: get_outputs() lists outputs in binding order, and a re-bind keeps the slot
+        b.bind_output(I.LOGITS, "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+        shape = (1, m.num_heads, max_len, m.head_size)
+        if m._device == "cpu":  # np.zeros maps zero pages lazily; the OrtValue uses this memory
+            self._host = [np.zeros(shape, m.past_dtype) for _ in m._past_names]
+            self.buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._host]
+        else:
+            self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, m.past_dtype), m._device, 0)
+                            for _ in m._past_names]
+        for past, present, buf in zip(m._past_names, m._present_names, self.buffers):
+            b.bind_ortvalue_input(past, buf)
+            b.bind_ortvalue_output(present, buf)
+        # CPU OrtValues over these arrays: writing the arrays changes the next Run's inputs
+        self.token = np.zeros((1, 1), np.int64)
+        self.seqlens = np.zeros(1, np.int32)
+        self.total = np.zeros((), np.int32)
+        self.keep = np.ones(1, np.int64)
+        self._inputs = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in
+                        ((I.INPUT_IDS, self.token), (I.SEQLENS_K, self.seqlens), (I.TOTAL_SEQUENCE_LENGTH, self.total))}
+        b.bind_ortvalue_input(I.SEQLENS_K, self._inputs[I.SEQLENS_K])
+        b.bind_ortvalue_input(I.TOTAL_SEQUENCE_LENGTH, self._inputs[I.TOTAL_SEQUENCE_LENGTH])
+        self._keep_value = ort.OrtValue.ortvalue_from_numpy(self.keep)
+        self.has_keep = m._kv_has_keep
+        self.length = 0
+
+    def prefill(self, ids: np.ndarray, all_positions: bool = False) -> np.ndarray:
+        """Run the prompt [1, S]; logits of its last position ([1, V]), or of all ([S, V])."""
+        S = ids.shape[1]
+        b = self.b
+        b.bind_cpu_input(I.INPUT_IDS, ids)
+        self.seqlens[0], self.total[()] = self.length + S - 1, self.length + S
+        if all_positions or not self.has_keep:
+            self.keep[0] = 0
+            b.bind_output(I.LOGITS, "cpu")
+        else:
+            b.bind_output(I.LOGITS, "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+        if self.has_keep:
+            b.bind_ortvalue_input(I.LOGITS_TO_KEEP, self._keep_value)
+        self.sess.run_with_iobinding(b)
+        self.length += S
+        if all_positions or not self.has_keep:
+            out = b.get_outputs()[0].numpy()[0]
+            if not all_positions:
+                self.logits[0, 0] = out[-1]
+                b.bind_output(I.LOGITS, "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+                out = self.logits[0]
+        else:
+            out = self.logits[0]
+        b.bind_ortvalue_input(I.INPUT_IDS, self._inputs[I.INPUT_IDS])  # decode from here on
+        return out
+
+    def step(self, token: int) -> np.ndarray:
+        """One decode step: logits [1, V] (a view that the next step overwrites)."""
+        self.token[0, 0] = token
+        self.seqlens[0] = self.length
+        self.total[()] = self.length + 1
+        self.sess.run_with_iobinding(self.b)
+        self.length += 1
+        return self.logits[0]
+
+
+class Model:
+    """A loaded artifact. Thread-safe: each call binds its own inputs; the sessions are shared."""
+
+    def __init__(self, session: Any, info: ArtifactInfo, tokenizer: Tokenizer | None, ort: Any, device: str,
+                 kv_session: Any = None, open_spec: Any = None):
+        self._session = session  # SPEC 3 graph; None until first use when a KV graph serves
+        self._open_spec = open_spec
+        self._spec_lock = threading.Lock()
+        self.kv_session = kv_session
         self.info = info
         self.tokenizer = tokenizer
         self._ort = ort
         self._device = device  # "cpu" or "cuda": where inputs, outputs and the cache live
-        self.provider: str = session.get_providers()[0]
+        self.provider: str = (kv_session or session).get_providers()[0]
         cfg = info.config
         self.vocab_size = info.vocab_size
         self.num_layers = info.num_layers
@@ -131,24 +212,52 @@ class Model:
         self._in_names = I.input_names(self.num_layers)
         self._out_names = I.output_names(self.num_layers)
         self._past_names = I.past_names(self.num_layers)
+        self._present_names = I.present_names(self.num_layers)
+        self._has_keep = self._kv_has_keep = False
+        if session is not None:
+            self._check_interface(session, spec=True)
+        if kv_session is not None:
+            self._check_interface(kv_session, spec=False)
+
+    @property
+    def session(self) -> Any:
+        """The SPEC 3 graph's session (model.onnx). When a KV graph serves single prompts, this one
+        opens on the first batch or `forward` call: until then its weights are not in memory."""
+        if self._session is None:
+            with self._spec_lock:
+                if self._session is None:
+                    sess = self._open_spec()
+                    self._check_interface(sess, spec=True)
+                    self._session = sess
+        return self._session
+
+    @staticmethod
+    def _keeps(session: Any) -> bool:
         # artifacts exported since the head slicing pass take logits_to_keep (an input with a
         # default); older ones do not, and then every position's logits are computed
-        self._has_keep = I.LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
-        self._check_interface()
+        return I.LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
 
     # -- graph interface -----------------------------------------------------------------------
-    def _check_interface(self) -> None:
-        ins = {i.name: i for i in self.session.get_inputs()}
-        outs = {o.name for o in self.session.get_outputs()}
-        missing = [n for n in self._in_names if n not in ins] + [n for n in self._out_names if n not in outs]
+    def _check_interface(self, session: Any, spec: bool) -> None:
+        file = I.MODEL_FILE if spec else I.KV_MODEL_FILE
+        ins = {i.name: i for i in session.get_inputs()}
+        outs = {o.name for o in session.get_outputs()}
+        names = self._in_names if spec else I.kv_input_names(self.num_layers)
+        missing = [n for n in names if n not in ins] + [n for n in self._out_names if n not in outs]
         if missing:
             raise RuntimeArtifactError(
-                f"{self.info.folder / I.MODEL_FILE} lacks {missing[:4]} of the artifact interface; "
+                f"{self.info.folder / file} lacks {missing[:4]} of the artifact interface; "
                 "re-export it with `python -m export build`"
             )
-        for name in (I.INPUT_IDS, I.ATTENTION_MASK, I.POSITION_IDS):
-            if ins[name].type != "tensor(int64)":
-                raise RuntimeArtifactError(f"graph input {name} is {ins[name].type}, not int64; re-export the folder")
+        ints = ((I.INPUT_IDS, "tensor(int64)"), (I.ATTENTION_MASK, "tensor(int64)"), (I.POSITION_IDS, "tensor(int64)")) \
+            if spec else ((I.INPUT_IDS, "tensor(int64)"), (I.SEQLENS_K, "tensor(int32)"), (I.TOTAL_SEQUENCE_LENGTH, "tensor(int32)"))
+        for name, want in ints:
+            if ins[name].type != want:
+                raise RuntimeArtifactError(f"{file} input {name} is {ins[name].type}, not {want[7:-1]}; re-export the folder")
+        if spec:
+            self._has_keep = self._keeps(session)
+        else:
+            self._kv_has_keep = self._keeps(session)
         ptype = ins[self._past_names[0]].type
         if _ORT_DTYPES.get(ptype) is None:
             raise RuntimeArtifactError(f"graph input {self._past_names[0]} has type {ptype}; the runtime reads float or float16 caches")
@@ -311,10 +420,14 @@ class Model:
             n = len(r.prompt_ids)
             ids[i, S - n :] = r.prompt_ids
             mask[i, S - n :] = 1  # left padding; the generated columns are set as they come
-        pos = np.clip(np.cumsum(mask[:, :S], -1) - 1, 0, None)
-        next_pos = mask[:, :S].sum(-1, keepdims=True)
-        logits, past = self._run(ids, np.ascontiguousarray(mask[:, :S]), pos, None, keep=1)
-        last = logits[:, -1, :]
+        shared = _SharedCache(self, S + max_new_tokens) if B == 1 and self.kv_session is not None else None
+        if shared is not None:
+            last = shared.prefill(ids)
+        else:
+            pos = np.clip(np.cumsum(mask[:, :S], -1) - 1, 0, None)
+            next_pos = mask[:, :S].sum(-1, keepdims=True)
+            logits, past = self._run(ids, np.ascontiguousarray(mask[:, :S]), pos, None, keep=1)
+            last = logits[:, -1, :]
         rng = np.random.default_rng(seed) if not sampling.greedy else None
         history = [list(r.prompt_ids) for r in rows] if sampling.repetition_penalty != 1.0 else None
         end_set = set(end_ids)
@@ -335,6 +448,9 @@ class Model:
             yield
             if not active or step == max_new_tokens - 1:
                 break
+            if shared is not None:
+                last = shared.step(int(tokens[0]))
+                continue
             if len(active) < B:
                 tokens[[i for i in range(B) if rows[i].finish is not None]] = self.pad_token_id
             mask[:, S + step] = 1
@@ -484,8 +600,11 @@ class Model:
         start = 0
         while start < len(ids) - 1:
             window = np.asarray(ids[start : start + C], np.int64)[None]
-            logits, _ = self._run(window, np.ones_like(window), np.arange(window.shape[1], dtype=np.int64)[None], None)
-            lg = logits[0, :-1].astype(np.float64)
+            if self.kv_session is not None:
+                lg = _SharedCache(self, window.shape[1]).prefill(window, all_positions=True)[:-1].astype(np.float64)
+            else:
+                logits, _ = self._run(window, np.ones_like(window), np.arange(window.shape[1], dtype=np.int64)[None], None)
+                lg = logits[0, :-1].astype(np.float64)
             lg = lg - lg.max(-1, keepdims=True)
             logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
             logps.append(np.take_along_axis(logp, window[0, 1:, None], -1)[:, 0])
@@ -558,14 +677,39 @@ def _load_tokenizer(folder: Path) -> Tokenizer | None:
     return tok
 
 
-def load(folder: str | Path, provider: str = "auto", threads: int | None = None, verify: str = "size") -> Model:
+GRAPHS = ("auto", "kv", "spec")
+
+
+def load(folder: str | Path, provider: str = "auto", threads: int | None = None, verify: str = "size",
+         graph: str = "auto") -> Model:
     """Open an exported artifact folder. Checks the manifest (format, version, files, sizes;
-    sha256 with verify="sha256") before ONNX Runtime reads a byte of the model."""
+    sha256 with verify="sha256") before ONNX Runtime reads a byte of the model.
+
+    graph: "auto" runs single prompts on the shared-cache graph (model.kv.onnx) when the artifact
+    has one and the session runs on the CPU, and opens model.onnx only when a batch or `forward`
+    needs it (then both sessions hold the weights); "spec" uses model.onnx alone (one copy of the
+    weights, batches included); "kv" insists on model.kv.onnx. On CUDA "auto" means "spec": the
+    kv graph is float32 and ONNX Runtime's CUDA GroupQueryAttention takes float16/bfloat16 only.
+    """
     if provider not in PROVIDERS:
         raise ProviderError(f"provider={provider!r} is not one of {PROVIDERS}")
+    if graph not in GRAPHS:
+        raise InputError(f"graph={graph!r} is not one of {GRAPHS}")
     info = read_artifact(folder, verify=verify)
+    has_kv = I.KV_MODEL_FILE in (info.manifest.get("files") or {}) and (info.folder / I.KV_MODEL_FILE).is_file()
+    if graph == "kv" and not has_kv:
+        raise RuntimeArtifactError(f"graph='kv' but {info.folder} has no {I.KV_MODEL_FILE}; re-export it with a current "
+                                   "exporter, or load with graph='auto'")
     ort = _import_ort()
     tokenizer = _load_tokenizer(info.folder)
     lift_mode = (info.manifest.get("lift") or {}).get("mode")
+    cuda_first = provider in ("cuda", "auto") and CUDA_EP in ort.get_available_providers()
+    if has_kv and (graph == "kv" or (graph == "auto" and not cuda_first)):
+        kv_session, device = _open_session(ort, info.folder / I.KV_MODEL_FILE, provider, threads, lift_mode)
+
+        def open_spec() -> Any:
+            return _open_session(ort, info.folder / I.MODEL_FILE, device, threads, lift_mode)[0]
+
+        return Model(None, info, tokenizer, ort, device, kv_session=kv_session, open_spec=open_spec)
     session, device = _open_session(ort, info.folder / I.MODEL_FILE, provider, threads, lift_mode)
     return Model(session, info, tokenizer, ort, device)

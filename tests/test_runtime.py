@@ -29,9 +29,10 @@ def ref(tiny_ckpt):
     return load_model(tiny_ckpt)
 
 
-@pytest.fixture(scope="module")
-def model(tiny_artifacts):
-    return runtime.load(tiny_artifacts("bitwise"), provider="cpu")
+@pytest.fixture(scope="module", params=["kv", "spec"])
+def model(tiny_artifacts, request):
+    """Both graphs of the artifact: model.kv.onnx (shared cache, single prompts) and model.onnx."""
+    return runtime.load(tiny_artifacts("bitwise"), provider="cpu", graph=request.param)
 
 
 def ref_logits(ref, ids: list[int]) -> np.ndarray:
@@ -40,11 +41,12 @@ def ref_logits(ref, ids: list[int]) -> np.ndarray:
     return logits[0].double().numpy()
 
 
+@pytest.mark.parametrize("graph", ["kv", "spec"])
 @pytest.mark.parametrize("mode", I.LIFT_MODES)
-def test_greedy_64_tokens_equal_reference(tiny_artifacts, ref, mode):
+def test_greedy_64_tokens_equal_reference(tiny_artifacts, ref, mode, graph):
     from reference.generate import generate
 
-    m = runtime.load(tiny_artifacts(mode), provider="cpu")
+    m = runtime.load(tiny_artifacts(mode), provider="cpu", graph=graph)
     ids = m.encode(PROMPT)
     want = generate(ref, ids, 64, eos_token_id=m.eos_token_ids)
     got = m.generate(ids, max_new_tokens=64)
@@ -237,3 +239,33 @@ def test_cli_generate_and_score(model, tmp_path):
     assert abs(ppl - model.score(f.read_text(encoding="utf-8")).perplexity) <= 1e-5 * ppl
     h = run("generate", "--help")
     assert h.returncode == 0 and "--max-new-tokens" in h.stdout and "greedy" in h.stdout.lower()
+
+
+def test_kv_graph_serves_single_prompts_and_spec_graph_opens_only_for_batches(tiny_artifacts, ref):
+    """graph="auto": one session (the shared-cache graph) until a batch or forward needs model.onnx."""
+    from reference.generate import generate
+
+    m = runtime.load(tiny_artifacts("arith"), provider="cpu")
+    assert m.kv_session is not None and m._session is None
+    ids = m.encode(PROMPT)
+    assert m.generate(ids, max_new_tokens=24).ids == generate(ref, ids, 24, eos_token_id=m.eos_token_ids)
+    m.score(PROMPT)
+    "".join(m.stream(PROMPT, max_new_tokens=8))
+    assert m._session is None  # single prompts never touched model.onnx
+    rows = m.generate([PROMPT, "Once"], max_new_tokens=8)
+    assert m._session is not None
+    assert rows[0].ids == m.generate(PROMPT, max_new_tokens=8).ids
+
+
+def test_artifact_without_kv_graph(tiny_ckpt, tmp_path):
+    from export.build import build
+
+    out = build(tiny_ckpt, tmp_path / "nokv", code="arith", verify=False, kv_graph=False, log=lambda m: None)
+    assert not (out / I.KV_MODEL_FILE).exists()
+    assert json.loads((out / I.MANIFEST_FILE).read_text())["kv_graph"]["file"] is None
+    m = runtime.load(out, provider="cpu")  # auto: model.onnx serves everything
+    assert m.kv_session is None and len(m.generate(PROMPT, max_new_tokens=4).ids) == 4
+    with pytest.raises(runtime.RuntimeArtifactError, match="no model.kv.onnx"):
+        runtime.load(out, provider="cpu", graph="kv")
+    with pytest.raises(runtime.InputError, match="graph="):
+        runtime.load(out, provider="cpu", graph="shared")
