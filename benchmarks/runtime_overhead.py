@@ -1,10 +1,13 @@
 """How much time the runtime's generation loop adds on top of ONNX Runtime itself, during decode.
 
-For the same prompt and the same tokens (greedy, N steps), three loops are timed, interleaved and
+For the same prompt and the same tokens (greedy, N steps), these loops are timed, interleaved and
 repeated, medians kept:
-  generate   runtime.Model.generate: checks, IO binding, argmax, stop logic, text decode
-  bare_iob   the minimum with the same mechanism: bind, Run, read logits (tokens known in advance)
-  bare_run   plain `session.run` with numpy in and out (the cache copied through numpy every step)
+  generate   runtime.Model.generate: checks, binding, argmax, stop logic, text decode (on the
+             shared-cache graph model.kv.onnx when the artifact has one, as apps get it)
+  bare_kv    the minimum on model.kv.onnx: everything bound once, the token and lengths written
+             into the bound arrays, Run, read logits (tokens known in advance, no argmax)
+  bare_iob   the minimum on model.onnx with IO binding: bind, Run, read logits
+  bare_run   plain `session.run` on model.onnx with numpy in and out (what a first attempt looks like)
 overhead = (generate - bare) / generate, against each bare loop. Target: <= 3 % of decode time.
 
 Artifacts: the tiny one (built here with the exporter when torch is installed, or --model DIR),
@@ -79,6 +82,37 @@ def bare_iob(m: runtime.Model, prompt: list[int], tokens: list[int]) -> float:
     return time.perf_counter() - t0
 
 
+def bare_kv(m: runtime.Model, prompt: list[int], tokens: list[int]) -> float:
+    """The ORT work alone on the shared-cache graph: one binding, inputs written in place, Run."""
+    ort, sess = m._ort, m.kv_session
+    past_names, present_names = I.past_names(m.num_layers), I.present_names(m.num_layers)
+    S = len(prompt)
+    t0 = time.perf_counter()
+    shape = (1, m.num_heads, S + len(tokens), m.head_size)
+    host = [np.zeros(shape, m.kv_past_dtype) for _ in past_names]
+    b = sess.io_binding()
+    logits = np.empty((1, 1, m.vocab_size), np.float32)
+    b.bind_output(I.LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+    for pn, on, a in zip(past_names, present_names, host):
+        v = ort.OrtValue.ortvalue_from_numpy(a)
+        b.bind_ortvalue_input(pn, v)
+        b.bind_ortvalue_output(on, v)
+    seqlens, total, keep = np.array([S - 1], np.int32), np.array(S, np.int32), np.array([1], np.int64)
+    b.bind_cpu_input(I.INPUT_IDS, np.asarray([prompt], np.int64))
+    b.bind_cpu_input(I.SEQLENS_K, seqlens)
+    b.bind_cpu_input(I.TOTAL_SEQUENCE_LENGTH, total)
+    b.bind_ortvalue_input(I.LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(keep))
+    sess.run_with_iobinding(b)
+    tok = np.zeros((1, 1), np.int64)
+    b.bind_cpu_input(I.INPUT_IDS, tok)
+    for step, t in enumerate(tokens[:-1]):
+        tok[0, 0] = t
+        seqlens[0] = S + step
+        total[()] = S + step + 1
+        sess.run_with_iobinding(b)
+    return time.perf_counter() - t0
+
+
 def bare_run(m: runtime.Model, prompt: list[int], tokens: list[int]) -> float:
     """Plain session.run with numpy: what a first attempt looks like (the cache copied each step)."""
     sess = m.session
@@ -114,17 +148,19 @@ class TimedSession:
 def inline_overhead(m: runtime.Model, prompt: list[int], kw: dict, repeats: int) -> float:
     """Share of generate's wall time spent outside ORT's Run, measured within the same calls
     (so other processes' noise hits both sides alike). Binding and the logits copy count as overhead."""
-    real = m.session
+    attr = "kv_session" if m.kv_session is not None else "_session"  # the session generate runs on
+    real = getattr(m, attr) if attr == "kv_session" else m.session
     shares = []
     try:
         for _ in range(repeats):
-            m.session = timed = TimedSession(real)
+            timed = TimedSession(real)
+            setattr(m, attr, timed)
             t0 = time.perf_counter()
             m.generate(prompt, **kw)
             total = time.perf_counter() - t0
             shares.append((total - timed.run_s) / total)
     finally:
-        m.session = real
+        setattr(m, attr, real)
     return statistics.median(shares)
 
 
@@ -146,6 +182,8 @@ def measure(folder: Path, steps: int, repeats: int, threads: int | None) -> dict
         return dt
 
     loops = {"generate": gen, "bare_iob": lambda: bare_iob(m, prompt, tokens), "bare_run": lambda: bare_run(m, prompt, tokens)}
+    if m.kv_session is not None:
+        loops["bare_kv"] = lambda: bare_kv(m, prompt, tokens)
     for f in loops.values():  # warm up: first-run allocations and thread pools
         f()
     times: dict[str, list[float]] = {k: [] for k in loops}
@@ -166,6 +204,9 @@ def measure(folder: Path, steps: int, repeats: int, threads: int | None) -> dict
         "median_s": med,
         "ms_per_token": {k: 1e3 * v / len(tokens) for k, v in med.items()},
         "overhead_outside_run": inline,
+        "graph": "model.kv.onnx" if m.kv_session is not None else "model.onnx",
+        "overhead_vs_bare_kv": (g - med["bare_kv"]) / g if "bare_kv" in med else None,
+        "overhead_vs_bare_kv_min": (best["generate"] - best["bare_kv"]) / best["generate"] if "bare_kv" in best else None,
         "overhead_vs_bare_iob": (g - med["bare_iob"]) / g,
         "overhead_vs_bare_run": (g - med["bare_run"]) / g,
         "overhead_vs_bare_iob_min": (best["generate"] - best["bare_iob"]) / best["generate"],
@@ -181,6 +222,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-cache", action="store_true", help="skip the full-size artifacts under benchmarks/cache/")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "runtime_overhead.json")
     args = ap.parse_args()
     folders = list(args.model)
@@ -189,22 +231,26 @@ def main() -> int:
         tmp = tempfile.TemporaryDirectory()
         folders.append(tiny_artifact(Path(tmp.name)))
     cache = HERE / "cache"
-    if cache.is_dir():
+    if cache.is_dir() and not args.no_cache:
         folders += sorted(p.parent for p in cache.glob("**/" + I.MANIFEST_FILE))
     rows = []
     for f in folders:
         print(f"[bench] {f}", file=sys.stderr, flush=True)
         rows.append(measure(f, args.steps, args.repeats, args.threads))
-    print(f"{'artifact':<28} {'steps':>5} {'generate':>10} {'bare_iob':>10} {'bare_run':>10} {'ovh/iob':>8} {'ovh/run':>8}"
-          f" {'ovh/iob':>8} {'ovh/run':>8} {'outside':>8}")
-    print(f"{'':<28} {'':>5} {'ms/token':>10} {'ms/token':>10} {'ms/token':>10} {'median':>8} {'median':>8}"
-          f" {'best':>8} {'best':>8} {'Run':>8}")
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.2f}%"
+
+    print(f"{'artifact':<28} {'steps':>5} {'generate':>10} {'bare_kv':>10} {'bare_iob':>10} {'bare_run':>10}"
+          f" {'ovh/kv':>8} {'ovh/iob':>8} {'ovh/run':>8} {'ovh/kv':>8} {'ovh/run':>8} {'outside':>8}")
+    print(f"{'':<28} {'':>5} {'ms/token':>10} {'ms/token':>10} {'ms/token':>10} {'ms/token':>10}"
+          f" {'median':>8} {'median':>8} {'median':>8} {'best':>8} {'best':>8} {'Run':>8}")
     for r in rows:
         t = r["ms_per_token"]
-        print(f"{Path(r['artifact']).name[:28]:<28} {r['steps']:>5} {t['generate']:>10.3f} {t['bare_iob']:>10.3f} "
-              f"{t['bare_run']:>10.3f} {100 * r['overhead_vs_bare_iob']:>7.2f}% {100 * r['overhead_vs_bare_run']:>7.2f}%"
-              f" {100 * r['overhead_vs_bare_iob_min']:>7.2f}% {100 * r['overhead_vs_bare_run_min']:>7.2f}%"
-              f" {100 * r['overhead_outside_run']:>7.2f}%")
+        kv = f"{t['bare_kv']:.3f}" if "bare_kv" in t else "-"
+        print(f"{Path(r['artifact']).name[:28]:<28} {r['steps']:>5} {t['generate']:>10.3f} {kv:>10} {t['bare_iob']:>10.3f} "
+              f"{t['bare_run']:>10.3f} {pct(r['overhead_vs_bare_kv']):>8} {pct(r['overhead_vs_bare_iob']):>8}"
+              f" {pct(r['overhead_vs_bare_run']):>8} {pct(r['overhead_vs_bare_kv_min']):>8}"
+              f" {pct(r['overhead_vs_bare_run_min']):>8} {pct(r['overhead_outside_run']):>8}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_name(args.out.name + ".tmp")
     tmp_out.write_text(json.dumps({"host": platform.node(), "python": platform.python_version(),

@@ -159,8 +159,11 @@ def _remove_dead(g: onnx.GraphProto) -> None:
     g.value_info.extend(vi)
 
 
+CACHE_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+
+
 def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int, rope_theta: float,
-           rope_interleaved: bool) -> onnx.ModelProto:
+           rope_interleaved: bool, cache_dtype: str = "float32") -> onnx.ModelProto:
     """Rewrite a finished SPEC 3 artifact graph (fp32, int8 or int4: the projections are found by
     the head split that follows them, whatever op they became) into the shared-buffer graph.
     Returns a new ModelProto; the input is left untouched. fp16 caches are refused.
@@ -168,7 +171,13 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
     Load the source with `onnx.load(path, load_external_data=False)`: the initializers keep their
     external references into `model.onnx.data`, so the new file holds no weight bytes.
     `max_len` is the longest context the graph serves (rows of the rotary caches).
+    `cache_dtype="float16"` runs attention in float16 (q/k/v cast in, the output cast back), so the
+    cache holds half the bytes: at long contexts the cache, not the weights, bounds an int4/int8
+    decode step. Not for fp32 artifacts, whose parity bound is float32-exact.
     """
+    if cache_dtype not in CACHE_DTYPES:
+        raise GQAError(f"cache_dtype {cache_dtype!r}: choose one of {', '.join(CACHE_DTYPES)}")
+    half = cache_dtype == "float16"
     if head_size % 16:
         raise GQAError(f"head_size {head_size} is not a multiple of 16, which ONNX Runtime's GroupQueryAttention "
                        "needs with rotary caches; serve this model with model.onnx")
@@ -184,8 +193,9 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
     past_in = {i.name: i for i in g.input}
     dtype = past_in[PAST_KEY.format(i=0)].type.tensor_type.elem_type
     if dtype != TensorProto.FLOAT:
-        raise GQAError("GroupQueryAttention on the CPU provider is float32 only; this graph's cache is "
+        raise GQAError("the shared-cache graph is built from float32 graphs only; this graph's cache is "
                        f"{TensorProto.DataType.Name(dtype)}")
+    cache_type = CACHE_DTYPES[cache_dtype]
     inits = {t.name: t for t in g.initializer}
     cos_name, sin_name = f"{PREFIX}/cos_cache", f"{PREFIX}/sin_cache"
     rotary_used = False
@@ -221,20 +231,38 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
         attrs = dict(num_heads=num_heads, kv_num_heads=num_heads)
         if scale is not None and abs(scale * np.sqrt(head_size) - 1.0) > 1e-6:
             attrs["scale"] = scale
-        gqa_in = [q_bsd, k_bsd, v_bsd, pk, pv, SEQLENS_K, TOTAL_SEQUENCE_LENGTH]
+        base = f"/model/layers.{i}/attn"
+        casts_in: list[onnx.NodeProto] = []
+        if half:  # attention in float16: q/k/v cast in, the output cast back to the residual's float32
+            for tag, name in (("q", q_bsd), ("k", k_bsd), ("v", v_bsd)):
+                casts_in.append(helper.make_node("Cast", [name], [f"{base}/{tag}_fp16"], to=TensorProto.FLOAT16,
+                                                 name=f"{base}/{tag}_Cast"))
+            q_in, k_in, v_in = (c.output[0] for c in casts_in)
+        else:
+            q_in, k_in, v_in = q_bsd, k_bsd, v_bsd
+        gqa_in = [q_in, k_in, v_in, pk, pv, SEQLENS_K, TOTAL_SEQUENCE_LENGTH]
         if rotary[0]:
             attrs.update(do_rotary=1, rotary_interleaved=int(rope_interleaved))
             gqa_in += [cos_name, sin_name]
             rotary_used = True
-        node = helper.make_node("GroupQueryAttention", gqa_in, [y, ok, ov], domain="com.microsoft",
-                                name=f"/model/layers.{i}/attn/GroupQueryAttention", **attrs)
+        y_gqa = f"{base}/y_fp16" if half else y
+        node = helper.make_node("GroupQueryAttention", gqa_in, [y_gqa, ok, ov], domain="com.microsoft",
+                                name=f"{base}/GroupQueryAttention", **attrs)
         # the new node takes the old Reshape's place: its inputs' producers all precede that one
         g.node.remove(kc)
         g.node.remove(vc)
-        g.node[list(g.node).index(t)].CopyFrom(node)
+        at = list(g.node).index(t)
+        g.node[at].CopyFrom(node)
+        for k, c in enumerate(casts_in):
+            g.node.insert(at + k, c)
+        if half:
+            g.node.insert(at + len(casts_in) + 1,
+                          helper.make_node("Cast", [y_gqa], [y], to=TensorProto.FLOAT, name=f"{base}/y_Cast"))
 
     if rotary_used:
         cos, sin = rotary_caches(head_size, rope_theta, max_len)
+        if half:
+            cos, sin = cos.astype(np.float16), sin.astype(np.float16)
         g.initializer.extend([numpy_helper.from_array(cos, cos_name), numpy_helper.from_array(sin, sin_name)])
     _remove_dead(g)
 
@@ -251,11 +279,11 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
     g.input.append(helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []))
     for j in range(layers):
         for name in (PAST_KEY.format(i=j), PAST_VALUE.format(i=j)):
-            g.input.append(helper.make_tensor_value_info(name, dtype, ["batch", num_heads, MAX_LEN_DIM, head_size]))
+            g.input.append(helper.make_tensor_value_info(name, cache_type, ["batch", num_heads, MAX_LEN_DIM, head_size]))
     g.input.extend(x for x in old if x.name == LOGITS_TO_KEEP)
     for out in g.output:
         if out.name != LOGITS:
-            out.CopyFrom(helper.make_tensor_value_info(out.name, dtype, ["batch", num_heads, MAX_LEN_DIM, head_size]))
+            out.CopyFrom(helper.make_tensor_value_info(out.name, cache_type, ["batch", num_heads, MAX_LEN_DIM, head_size]))
     if not any(o.domain == "com.microsoft" for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _check_order(g)

@@ -128,10 +128,10 @@ class _SharedCache:
         b.bind_output(I.LOGITS, "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
         shape = (1, m.num_heads, max_len, m.head_size)
         if m._device == "cpu":  # np.zeros maps zero pages lazily; the OrtValue uses this memory
-            self._host = [np.zeros(shape, m.past_dtype) for _ in m._past_names]
+            self._host = [np.zeros(shape, m.kv_past_dtype) for _ in m._past_names]
             self.buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._host]
         else:
-            self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, m.past_dtype), m._device, 0)
+            self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, m.kv_past_dtype), m._device, 0)
                             for _ in m._past_names]
         for past, present, buf in zip(m._past_names, m._present_names, self.buffers):
             b.bind_ortvalue_input(past, buf)
@@ -261,7 +261,10 @@ class Model:
         ptype = ins[self._past_names[0]].type
         if _ORT_DTYPES.get(ptype) is None:
             raise RuntimeArtifactError(f"graph input {self._past_names[0]} has type {ptype}; the runtime reads float or float16 caches")
-        self.past_dtype = np.dtype(_ORT_DTYPES[ptype])
+        if spec:
+            self.past_dtype = np.dtype(_ORT_DTYPES[ptype])
+        else:  # the shared-cache graph may keep its cache in float16 (int8/int4 artifacts)
+            self.kv_past_dtype = np.dtype(_ORT_DTYPES[ptype])
         shape = ins[self._past_names[0]].shape
         for axis, want in ((1, self.num_heads), (3, self.head_size)):
             if isinstance(shape[axis], int) and shape[axis] != want:
@@ -349,6 +352,7 @@ class Model:
         returns logits for the last N positions only ([B, min(N, seq), V]); 0 returns all."""
         if int(logits_to_keep) != logits_to_keep or logits_to_keep < 0:
             raise InputError(f"logits_to_keep = {logits_to_keep} must be an integer >= 0 (0 keeps every position)")
+        _ = self.session  # forward is the SPEC 3 interface: model.onnx (opened here on first use)
         ids = self._as_int64(input_ids, I.INPUT_IDS)
         B, S = ids.shape
         if S == 0:

@@ -58,10 +58,10 @@ def _session(path: Path):
 class KVStepper:
     """Batch-1 driver of the GQA graph: the cache buffers are allocated once and never copied."""
 
-    def __init__(self, folder: Path, layers: int, heads: int, head_size: int, max_len: int):
+    def __init__(self, folder: Path, layers: int, heads: int, head_size: int, max_len: int, dtype=np.float32):
         self.sess = _session(folder / KV_MODEL_FILE)
         self.layers = layers
-        self.bufs = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, max_len, head_size), np.float32))
+        self.bufs = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, max_len, head_size), dtype))
                      for _ in range(2 * layers)]
         self.length = 0  # tokens in the cache
         self.shared = True
@@ -293,3 +293,29 @@ def test_refuses_what_it_cannot_serve(kv_fp32):
     kv = onnx.load(str(kv_fp32 / KV_MODEL_FILE), load_external_data=False)
     with pytest.raises(GQAError, match="not a SPEC 3 artifact graph"):
         to_gqa(kv, **p)  # already rewritten: no attention_mask
+
+
+def test_float16_cache_halves_the_cache_and_stays_close(tiny_artifacts, tmp_path):
+    """cache_dtype="float16": fp16 buffers, past == present, logits within fp16 attention error of
+    the float32 SPEC graph over a prompt and 24 decode steps, greedy tokens the same."""
+    folder = _copy_artifact(tiny_artifacts("bitwise", "fp32"), tmp_path / "kv16")
+    write_kv_graph(folder, cache_dtype="float16")
+    layers, H, hs, _ = _dims(folder)
+    sess = _session(folder / KV_MODEL_FILE)
+    assert {i.type for i in sess.get_inputs() if i.name.startswith("past_key_values")} == {"tensor(float16)"}
+    kv = KVStepper(folder, layers, H, hs, PROMPT_LEN + 25, dtype=np.float16)
+    spec = SpecStepper(folder, layers, H, hs)
+    ids = _prompt()
+    got, want = kv.step(ids), spec.step(ids)
+    worst, same = float(np.abs(got - want).max() / np.abs(want).max()), 0
+    tok = int(want[0, -1].argmax())
+    for _ in range(24):
+        got, want = kv.step(np.array([[tok]], np.int64)), spec.step(np.array([[tok]], np.int64))
+        worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
+        same += int(got[0, -1].argmax() == want[0, -1].argmax())
+        tok = int(want[0, -1].argmax())
+    assert kv.shared
+    assert 0 < worst <= 1e-2  # not bit-equal (it is fp16), but close
+    assert same == 24
+    with pytest.raises(GQAError, match="cache_dtype"):
+        write_kv_graph(folder, cache_dtype="int8")
