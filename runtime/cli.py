@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda"),
                         help="execution provider; auto uses CUDA when onnxruntime-gpu works, else the CPU (default auto)")
         sp.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")
+        sp.add_argument("--graph", default="auto", choices=("auto", "kv", "spec"),
+                        help="auto: model.kv.onnx (shared KV cache) on the CPU when the artifact has it, else "
+                             "model.onnx; spec: model.onnx only; kv: model.kv.onnx or an error")
         sp.add_argument("--verify", default="size", choices=("size", "sha256", "none"),
                         help="artifact check before loading: file sizes (default), full sha256, or none")
 
@@ -58,7 +61,7 @@ def _run(args: argparse.Namespace) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
-        model = load(args.model, provider=args.provider, threads=args.threads, verify=args.verify)
+        model = load(args.model, provider=args.provider, threads=args.threads, verify=args.verify, graph=args.graph)
     print(f"[runtime] {args.model} on {model.provider}", file=sys.stderr)
     if args.command == "score":
         try:

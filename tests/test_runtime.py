@@ -223,7 +223,8 @@ def test_provider_reported_and_auto_warns_once(tiny_artifacts, monkeypatch):
 def test_cli_generate_and_score(model, tmp_path):
     folder = str(model.info.folder)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "runtime", *a], cwd=tmp_path, env=env,
+    graph = "kv" if model.kv_session is not None else "spec"  # the same graph as the fixture's model
+    run = lambda *a: subprocess.run([sys.executable, "-m", "runtime", *a, "--graph", graph], cwd=tmp_path, env=env,
                                     capture_output=True, text=True, timeout=120)
     g = run("generate", "--model", folder, "--prompt", PROMPT, "--max-new-tokens", "12", "--provider", "cpu")
     assert g.returncode == 0, g.stderr
