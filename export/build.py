@@ -180,7 +180,7 @@ def export_graph(lm, work: Path, mode: str, opset: int, stages: Stages, lift_cod
     import onnx_ir as ir
 
     from graphs.lift import attach_lift, check_no_vocab_table
-    from graphs.optimize import add_logits_to_keep, fuse_rotary
+    from graphs.optimize import add_logits_to_keep, fuse_rotary, remove_dead
 
     from .passes import name_nodes, name_weights, optimize
     from .trace import trace_body
@@ -204,6 +204,7 @@ def export_graph(lm, work: Path, mode: str, opset: int, stages: Stages, lift_cod
         if lm.cfg.rope_pairing == "rotate_half":
             cfg = lm.cfg
             fuse_rotary(proto, cfg.num_attention_heads, cfg.head_size, cfg.rope_theta, cfg.max_position_embeddings)
+        remove_dead(proto.graph)  # what the passes above left unread (ORT warns about each at load)
         onnx.save(proto, str(path))
         onnx.checker.check_model(str(path))
     return path

@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs.optimize import rotary_caches
+from graphs.optimize import remove_dead, rotary_caches
 from runtime.interface import (
     ATTENTION_MASK,
     CONFIG_FILE,
@@ -129,34 +129,6 @@ def _scale(mm: onnx.NodeProto, users, inits: dict[str, onnx.TensorProto]) -> flo
                 if a.size == 1:
                     return float(a.reshape(()))
     return None
-
-
-def _remove_dead(g: onnx.GraphProto) -> None:
-    """Keep the nodes the graph outputs depend on; drop unused initializers and value_info."""
-    prod = {o: n for n in g.node for o in n.output}
-    live: set[int] = set()
-    stack = [o.name for o in g.output]
-    seen: set[str] = set()
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        n = prod.get(name)
-        if n is not None and id(n) not in live:
-            live.add(id(n))
-            stack += [i for i in n.input if i]
-    keep = [n for n in g.node if id(n) in live]
-    del g.node[:]
-    g.node.extend(keep)
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    inits = [t for t in g.initializer if t.name in used or t.name == LOGITS_TO_KEEP]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    produced = {o for n in g.node for o in n.output}
-    vi = [v for v in g.value_info if v.name in produced]
-    del g.value_info[:]
-    g.value_info.extend(vi)
 
 
 CACHE_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
@@ -264,7 +236,7 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
         if half:
             cos, sin = cos.astype(np.float16), sin.astype(np.float16)
         g.initializer.extend([numpy_helper.from_array(cos, cos_name), numpy_helper.from_array(sin, sin_name)])
-    _remove_dead(g)
+    remove_dead(g)
 
     used = {x for n in g.node for x in n.input}
     for stale in (ATTENTION_MASK, POSITION_IDS):

@@ -181,3 +181,35 @@ def fuse_rotary(model: onnx.ModelProto, num_heads: int, head_size: int, theta: f
 
 
 __all__ = ["add_logits_to_keep", "fuse_rotary", "rotary_caches", "OptimizeError", "PREFIX"]
+
+
+def remove_dead(g: onnx.GraphProto) -> None:
+    """Keep the nodes the graph outputs depend on; drop unused initializers and value_info (in place).
+
+    Why here and not in onnx-ir: the passes that call it work on protobuf whose weights stay in
+    their data file, and a leftover initializer makes ONNX Runtime warn at every session load.
+    """
+    prod = {o: n for n in g.node for o in n.output}
+    live: set[int] = set()
+    stack = [o.name for o in g.output]
+    seen: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        n = prod.get(name)
+        if n is not None and id(n) not in live:
+            live.add(id(n))
+            stack += [i for i in n.input if i]
+    keep = [n for n in g.node if id(n) in live]
+    del g.node[:]
+    g.node.extend(keep)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    inits = [t for t in g.initializer if t.name in used or t.name == LOGITS_TO_KEEP]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    produced = {o for n in g.node for o in n.output}
+    vi = [v for v in g.value_info if v.name in produced]
+    del g.value_info[:]
+    g.value_info.extend(vi)

@@ -214,6 +214,9 @@ def test_graph_shape_names_and_weights(tiny_artifacts):
     big = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 1024]
     assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
     assert {e.value for t in big for e in t.external_data if e.key == "location"} == {I.DATA_FILE}
+    # every initializer is read (a leftover one makes ONNX Runtime warn at each load); logits_to_keep is an input
+    read = {i for n in model.graph.node for i in n.input}
+    assert [t.name for t in model.graph.initializer if t.name not in read and t.name != I.LOGITS_TO_KEEP] == []
     # no float table is gathered by token id: no Gather reads a float constant with V rows
     consts = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
