@@ -155,25 +155,23 @@ class _SharedCache:
         b = self.b
         b.bind_cpu_input(I.INPUT_IDS, ids)
         self.seqlens[0], self.total[()] = self.length + S - 1, self.length + S
-        if all_positions or not self.has_keep:
-            self.keep[0] = 0
-            b.bind_output(I.LOGITS, "cpu")
-        else:
-            b.bind_output(I.LOGITS, "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+        whole = all_positions or not self.has_keep  # the Run returns every position's logits
         if self.has_keep:
+            self.keep[0] = 0 if all_positions else 1
             b.bind_ortvalue_input(I.LOGITS_TO_KEEP, self._keep_value)
+        if whole:
+            b.bind_output(I.LOGITS, "cpu")
         self.sess.run_with_iobinding(b)
         self.length += S
-        if all_positions or not self.has_keep:
-            out = b.get_outputs()[0].numpy()[0]
-            if not all_positions:
-                self.logits[0, 0] = out[-1]
-                b.bind_output(I.LOGITS, "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
-                out = self.logits[0]
-        else:
-            out = self.logits[0]
         b.bind_ortvalue_input(I.INPUT_IDS, self._inputs[I.INPUT_IDS])  # decode from here on
-        return out
+        if not whole:
+            return self.logits[0]
+        out = b.get_outputs()[0].numpy()[0]
+        if all_positions:
+            return out
+        self.logits[0, 0] = out[-1]  # decode steps write into the bound buffer again
+        b.bind_output(I.LOGITS, "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+        return self.logits[0]
 
     def step(self, token: int) -> np.ndarray:
         """One decode step: logits [1, V] (a view that the next step overwrites)."""
