@@ -57,7 +57,7 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-verify", action="store_true", help="skip the parity gate (the manifest then says it was skipped)")
     b.add_argument("--no-kv-graph", action="store_true",
                    help="do not add model.kv.onnx, the second graph (same weights file) whose KV cache is one shared "
-                        "buffer per layer (GroupQueryAttention): the runtime decodes single prompts on it without "
+                        "buffer per layer (GroupQueryAttention): the runtime generates on it without "
                         "copying the cache each step. Without it every call runs on model.onnx")
     b.add_argument("--bit-order", choices=("lsb_first", "msb_first"), help="override the code's bit order")
     b.add_argument("--values", choices=("zero_one", "plus_minus_one"), help="override the code's value map")

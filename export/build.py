@@ -291,7 +291,7 @@ def write_kv(folder: Path, log: Callable[[str], None]) -> dict:
     """The shared-cache decoder graph beside model.onnx (graphs/gqa.py), or a note why there is none.
 
     Optional by design: the artifact is complete without it (SPEC 3 is model.onnx); the runtime
-    uses it for single prompts because a decode step then writes one cache position instead of
+    uses it for generation because a decode step then writes one cache position instead of
     copying the whole cache (benchmarks/RESULTS.md).
     """
     from graphs.gqa import GQAError, write_kv_graph
@@ -302,7 +302,7 @@ def write_kv(folder: Path, log: Callable[[str], None]) -> dict:
         log(f"[export] note: no {KV_MODEL_FILE} ({e}); the runtime serves every call with {MODEL_FILE}")
         return {"file": None, "reason": str(e)}
     return {"file": KV_MODEL_FILE, "cache": "one [batch, heads, max_len, head_size] buffer per layer, past == present",
-            "op": "com.microsoft.GroupQueryAttention", "batch": 1}
+            "op": "com.microsoft.GroupQueryAttention", "padding": "right"}
 
 
 def verify_providers(provider: str, log: Callable[[str], None]) -> str:

@@ -107,43 +107,67 @@ class OrtLM:
 
 
 class KvLM:
-    """The artifact's shared-cache graph (KV_MODEL_FILE), batch 1, driven with plain IO binding:
-    `prefill(ids [1, S])` then `step(token)`, each returning logits [S or 1, V] as numpy."""
+    """The artifact's shared-cache graph (KV_MODEL_FILE) driven with plain IO binding: `prefill(ids
+    [B, S], lengths)` with right-padded rows, then `step(tokens [B])` in lock step; both return
+    logits [B, S or 1, V] as numpy."""
 
     def __init__(self, folder: Path, num_layers: int, heads: int, head_size: int, providers: list[str],
-                 max_len: int):
+                 max_len: int, batch: int = 1):
         so = ort.SessionOptions()
         so.log_severity_level = 3
         self.sess = ort.InferenceSession(str(Path(folder) / KV_MODEL_FILE), so, providers=providers)
         types = {i.name: i.type for i in self.sess.get_inputs()}
         dtype = _ORT_FLOAT.get(types[past_names(num_layers)[0]], np.float32)
-        shape = (1, heads, max_len, head_size)
+        shape = (batch, heads, max_len, head_size)
         self.host = [np.zeros(shape, dtype) for _ in range(2 * num_layers)]
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in self.host]
         self.pairs = list(zip(past_names(num_layers), present_names(num_layers), self.buffers))
-        self.length = 0
+        self.lengths = np.zeros(batch, np.int32)
 
-    def _run(self, ids: np.ndarray) -> np.ndarray:
-        S = ids.shape[1]
+    def _run(self, ids: np.ndarray, seqlens: np.ndarray, total: int) -> np.ndarray:
         b = self.sess.io_binding()
         b.bind_cpu_input(INPUT_IDS, ids.astype(np.int64))
-        b.bind_cpu_input(SEQLENS_K, np.array([self.length + S - 1], np.int32))
-        b.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(self.length + S, np.int32))
+        b.bind_cpu_input(SEQLENS_K, seqlens.astype(np.int32))
+        b.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, np.int32))
         b.bind_output(LOGITS, "cpu")  # first: get_outputs() lists outputs in the order they were bound
         for past, present, buf in self.pairs:
             b.bind_ortvalue_input(past, buf)
             b.bind_ortvalue_output(present, buf)
         self.sess.run_with_iobinding(b)
-        self.length += S
-        return b.get_outputs()[0].numpy()[0].astype(np.float32)
+        return b.get_outputs()[0].numpy().astype(np.float32)
 
-    def prefill(self, ids: np.ndarray) -> np.ndarray:
-        self.length = 0
-        return self._run(ids)
+    def prefill(self, ids: np.ndarray, lengths: list[int] | None = None) -> np.ndarray:
+        lens = np.full(ids.shape[0], ids.shape[1], np.int32) if lengths is None else np.asarray(lengths, np.int32)
+        out = self._run(ids, lens - 1, ids.shape[1])
+        self.lengths = lens.copy()
+        return out
 
-    def step(self, token: int) -> np.ndarray:
-        return self._run(np.array([[token]], np.int64))
+    def step(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens, np.int64).reshape(-1, 1)
+        out = self._run(tokens, self.lengths, int(self.lengths.max()) + 1)
+        self.lengths += 1
+        return out
+
+
+def kv_greedy(folder: Path, cfg: ModelConfig, providers: list[str], rows: list[list[int]], steps: int,
+              pad_id: int, tick: Callable[..., None] | None = None) -> list[list[int]]:
+    """Greedy decoding of right-padded rows on the shared-cache graph, all rows in lock step."""
+    S = max(len(r) for r in rows)
+    ids = np.full((len(rows), S), pad_id, np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    kv = KvLM(folder, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size, providers, S + steps, len(rows))
+    logits = kv.prefill(ids, [len(r) for r in rows])
+    nxt = logits[np.arange(len(rows)), [len(r) - 1 for r in rows]].argmax(-1)
+    out: list[list[int]] = [[int(t)] for t in nxt]
+    for _ in range(steps - 1):
+        nxt = kv.step(nxt)[:, -1].argmax(-1)
+        for i, t in enumerate(nxt):
+            out[i].append(int(t))
+        if tick is not None:
+            tick(1, "kv graph batch")
+    return out
 
 
 def positions(mask: np.ndarray) -> np.ndarray:
@@ -189,7 +213,7 @@ EXPECT_UNITS = 5  # reference side: held-out ids, batch, sequence, greedy, held-
 def gate_units(cfg: ModelConfig, kv_graph: bool = False) -> int:
     """How many progress steps `expectations` + `run_gate` take (lift chunks, cache steps, ...)."""
     lift_chunks = -(-cfg.vocab_size // LIFT_CHUNK)
-    kv = 1 + 16 + GREEDY_TOKENS + 1 if kv_graph else 0
+    kv = 1 + 16 + GREEDY_TOKENS + 3 * (PADDED_STEPS - 1) + 1 if kv_graph else 0
     return EXPECT_UNITS + lift_chunks + 2 + 16 + GREEDY_TOKENS + 3 * PADDED_STEPS + 1 + kv
 
 
@@ -408,29 +432,38 @@ def check_kv_graph(report: Report, folder: Path, e: Expected, precision: str, pr
     kv = KvLM(folder, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size, providers, longest)
 
     want = e.batch_logits[0]
-    got = kv.prefill(e.batch_ids[:1])
+    got = kv.prefill(e.batch_ids[:1])[0]
     diff, bound = float(np.abs(got - want).max()), FP32_REL_TOL * float(np.abs(want).max())
     report.add("kv graph: prompt logits max|diff|", diff, f"<= {bound:.3g}", diff <= bound, required=exact)
     tick(1, "kv graph")
 
     seq, want = e.seq_ids, e.seq_logits
-    worst = float(np.abs(kv.prefill(seq[:, :1])[-1] - want[0, 0]).max())
+    worst = float(np.abs(kv.prefill(seq[:, :1])[0, -1] - want[0, 0]).max())
     tick(1, "kv graph")
     for t in range(1, seq.shape[1]):
-        worst = max(worst, float(np.abs(kv.step(int(seq[0, t]))[-1] - want[0, t]).max()))
+        worst = max(worst, float(np.abs(kv.step([seq[0, t]])[0, -1] - want[0, t]).max()))
         tick(1, "kv graph")
     bound = FP32_REL_TOL * float(np.abs(want).max())
     report.add("kv graph: teacher-forced max|diff|", worst, f"<= {bound:.3g}", worst <= bound, required=exact)
 
-    tokens = [int(kv.prefill(np.array([e.prompt]))[-1].argmax())]
+    tokens = [int(kv.prefill(np.array([e.prompt]))[0, -1].argmax())]
     tick(1, "kv graph greedy")
     while len(tokens) < GREEDY_TOKENS:
-        tokens.append(int(kv.step(tokens[-1])[-1].argmax()))
+        tokens.append(int(kv.step([tokens[-1]])[0, -1].argmax()))
         tick(1, "kv graph greedy")
     match = next((i for i, (a, b) in enumerate(zip(e.greedy_tokens, tokens)) if a != b), GREEDY_TOKENS)
     report.add("kv graph: greedy tokens equal", match, f">= {GREEDY_TOKENS}", match >= GREEDY_TOKENS, required=exact)
 
-    held = np.stack([kv.prefill(row[None]) for row in e.held_ids])
+    # a right-padded batch gives each row what that row gives alone (the runtime's batches)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    rows = e.padded_rows
+    batch = kv_greedy(folder, cfg, providers, rows, PADDED_STEPS, pad, tick)
+    solo = [kv_greedy(folder, cfg, providers, [r], PADDED_STEPS, pad, tick)[0] for r in rows]
+    same = sum(a == b for a, b in zip(batch, solo))
+    report.add("kv graph: right-padded batch == solo rows", f"{same}/{len(rows)}", "all rows", same == len(rows),
+               required=exact)
+
+    held = np.concatenate([kv.prefill(row[None]) for row in e.held_ids])
     q = quality(e.held_logits, held, e.held_ids)
     report.add("kv graph: top-1 agreement", q["top1"], f">= {fl['top1']}", q["top1"] >= fl["top1"], detail=e.held_source)
     report.add("kv graph: KL(ref || artifact)", q["kl"], f"<= {fl['kl']}", q["kl"] <= fl["kl"], detail=e.held_source)

@@ -12,7 +12,8 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 # optional second graph (graphs/gqa.py): the same weights (it reads DATA_FILE), but each layer's
 # cache is one preallocated buffer that past and present share (com.microsoft.GroupQueryAttention),
-# so a decode step writes one position instead of copying the cache. Batch 1; SPEC 3 stays in MODEL_FILE.
+# so a decode step writes one position instead of copying the cache (batches right-padded). SPEC 3
+# stays in MODEL_FILE.
 KV_MODEL_FILE = "model.kv.onnx"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"

@@ -5,8 +5,8 @@ and returns `present.*` = past + new: the runtime binds each step's presents as 
 pasts (IO binding), so the cache never round-trips through numpy, but the graph itself copies it
 every step. `model.kv.onnx`, when the exporter wrote one, holds the same weights with a cache of
 one preallocated buffer per layer that past and present share: a step writes one position and
-nothing else moves. Single prompts (generate, stream, score) run on it; batches and `forward`
-(the SPEC 3 interface) run on `model.onnx`, whose session opens on first use.
+nothing else moves. generate, stream and score run on it (a batch right-padded); `forward` (the
+SPEC 3 interface) runs on `model.onnx`, whose session opens on first use.
 Every check on the caller's input runs before the first Run.
 """
 from __future__ import annotations
@@ -113,20 +113,22 @@ class _Row:
 
 
 class _SharedCache:
-    """One batch-1 generation on KV_MODEL_FILE: the cache buffers, the inputs and the logits are
-    bound once; a decode step writes the token and the lengths into the bound arrays and runs.
+    """One generation on KV_MODEL_FILE: the cache buffers, the inputs and the logits are bound
+    once; a decode step writes the tokens and the lengths into the bound arrays and runs.
 
     Why so bare: on small models the binding calls themselves were most of the loop's overhead
-    (benchmarks/RESULTS.md); here a step makes no binding call at all.
+    (benchmarks/RESULTS.md); here a step makes no binding call at all. A batch is right-padded
+    (GroupQueryAttention reads row b's cache up to seqlens_k[b] and writes its next token there,
+    so a short row's padding is overwritten as it grows), and rows decode in lock step.
     """
 
-    def __init__(self, m: "Model", max_len: int):
+    def __init__(self, m: "Model", batch: int, max_len: int):
         ort, self.sess = m._ort, m.kv_session
         self.b = b = self.sess.io_binding()
-        self.logits = np.empty((1, 1, m.vocab_size), np.float32)
+        self.logits = np.empty((batch, 1, m.vocab_size), np.float32)
         # logits first: get_outputs() lists outputs in binding order, and a re-bind keeps the slot
         b.bind_output(I.LOGITS, "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
-        shape = (1, m.num_heads, max_len, m.head_size)
+        shape = (batch, m.num_heads, max_len, m.head_size)
         if m._device == "cpu":  # np.zeros maps zero pages lazily; the OrtValue uses this memory
             self._host = [np.zeros(shape, m.kv_past_dtype) for _ in m._past_names]
             self.buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._host]
@@ -137,50 +139,57 @@ class _SharedCache:
             b.bind_ortvalue_input(past, buf)
             b.bind_ortvalue_output(present, buf)
         # CPU OrtValues over these arrays: writing the arrays changes the next Run's inputs
-        self.token = np.zeros((1, 1), np.int64)
-        self.seqlens = np.zeros(1, np.int32)
+        self.tokens = np.zeros((batch, 1), np.int64)
+        self.seqlens = np.zeros(batch, np.int32)
         self.total = np.zeros((), np.int32)
         self.keep = np.ones(1, np.int64)
         self._inputs = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in
-                        ((I.INPUT_IDS, self.token), (I.SEQLENS_K, self.seqlens), (I.TOTAL_SEQUENCE_LENGTH, self.total))}
+                        ((I.INPUT_IDS, self.tokens), (I.SEQLENS_K, self.seqlens), (I.TOTAL_SEQUENCE_LENGTH, self.total))}
         b.bind_ortvalue_input(I.SEQLENS_K, self._inputs[I.SEQLENS_K])
         b.bind_ortvalue_input(I.TOTAL_SEQUENCE_LENGTH, self._inputs[I.TOTAL_SEQUENCE_LENGTH])
         self._keep_value = ort.OrtValue.ortvalue_from_numpy(self.keep)
         self.has_keep = m._kv_has_keep
-        self.length = 0
+        self.lengths = np.zeros(batch, np.int32)  # tokens in each row's cache
 
-    def prefill(self, ids: np.ndarray, all_positions: bool = False) -> np.ndarray:
-        """Run the prompt [1, S]; logits of its last position ([1, V]), or of all ([S, V])."""
-        S = ids.shape[1]
+    def prefill(self, ids: np.ndarray, lengths: Sequence[int] | None = None, all_positions: bool = False) -> np.ndarray:
+        """Run right-padded prompts [B, S] (row b's tokens first, `lengths[b]` of them) on an empty
+        cache; logits of each row's last token ([B, V]), or with all_positions of every position
+        ([B, S, V])."""
+        B, S = ids.shape
+        lens = np.full(B, S, np.int32) if lengths is None else np.asarray(lengths, np.int32)
         b = self.b
         b.bind_cpu_input(I.INPUT_IDS, ids)
-        self.seqlens[0], self.total[()] = self.length + S - 1, self.length + S
-        whole = all_positions or not self.has_keep  # the Run returns every position's logits
+        self.seqlens[:], self.total[()] = lens - 1, S
+        # every row's last token lies in the last S - min(lens) + 1 positions: the head runs on those
+        # only (on the last one alone when all rows are full); 0 = every position
+        keep = 0 if all_positions or not self.has_keep else S - int(lens.min()) + 1
+        whole = keep != 1
         if self.has_keep:
-            self.keep[0] = 0 if all_positions else 1
+            self.keep[0] = keep
             b.bind_ortvalue_input(I.LOGITS_TO_KEEP, self._keep_value)
         if whole:
             b.bind_output(I.LOGITS, "cpu")
         self.sess.run_with_iobinding(b)
-        self.length += S
+        self.lengths[:] = lens
         b.bind_ortvalue_input(I.INPUT_IDS, self._inputs[I.INPUT_IDS])  # decode from here on
         if not whole:
-            return self.logits[0]
-        out = b.get_outputs()[0].numpy()[0]
+            return self.logits[:, 0]
+        out = b.get_outputs()[0].numpy()
         if all_positions:
             return out
-        self.logits[0, 0] = out[-1]  # decode steps write into the bound buffer again
+        first = S - out.shape[1]  # the position of out[:, 0]
+        self.logits[:, 0] = out[np.arange(B), lens - 1 - first]  # decode steps write into the bound buffer again
         b.bind_output(I.LOGITS, "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
-        return self.logits[0]
+        return self.logits[:, 0]
 
-    def step(self, token: int) -> np.ndarray:
-        """One decode step: logits [1, V] (a view that the next step overwrites)."""
-        self.token[0, 0] = token
-        self.seqlens[0] = self.length
-        self.total[()] = self.length + 1
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """One decode step for every row: logits [B, V] (a view that the next step overwrites)."""
+        self.tokens[:, 0] = tokens
+        self.seqlens[:] = self.lengths
+        self.total[()] = int(self.lengths.max()) + 1
         self.sess.run_with_iobinding(self.b)
-        self.length += 1
-        return self.logits[0]
+        self.lengths += 1
+        return self.logits[:, 0]
 
 
 class Model:
@@ -219,8 +228,8 @@ class Model:
 
     @property
     def session(self) -> Any:
-        """The SPEC 3 graph's session (model.onnx). When a KV graph serves single prompts, this one
-        opens on the first batch or `forward` call: until then its weights are not in memory."""
+        """The SPEC 3 graph's session (model.onnx). When a KV graph serves generation, this one
+        opens on the first `forward` call: until then its weights are not in memory."""
         if self._session is None:
             with self._spec_lock:
                 if self._session is None:
@@ -422,9 +431,12 @@ class Model:
             n = len(r.prompt_ids)
             ids[i, S - n :] = r.prompt_ids
             mask[i, S - n :] = 1  # left padding; the generated columns are set as they come
-        shared = _SharedCache(self, S + max_new_tokens) if B == 1 and self.kv_session is not None else None
-        if shared is not None:
-            last = shared.prefill(ids)
+        shared = _SharedCache(self, B, S + max_new_tokens) if self.kv_session is not None else None
+        if shared is not None:  # right padding: each row's tokens first (see _SharedCache)
+            right = np.full((B, S), self.pad_token_id, np.int64)
+            for i, r in enumerate(rows):
+                right[i, : len(r.prompt_ids)] = r.prompt_ids
+            last = shared.prefill(right, [len(r.prompt_ids) for r in rows])
         else:
             pos = np.clip(np.cumsum(mask[:, :S], -1) - 1, 0, None)
             next_pos = mask[:, :S].sum(-1, keepdims=True)
@@ -450,11 +462,11 @@ class Model:
             yield
             if not active or step == max_new_tokens - 1:
                 break
-            if shared is not None:
-                last = shared.step(int(tokens[0]))
-                continue
             if len(active) < B:
                 tokens[[i for i in range(B) if rows[i].finish is not None]] = self.pad_token_id
+            if shared is not None:
+                last = shared.step(tokens)
+                continue
             mask[:, S + step] = 1
             step_mask = mask[:, : S + step + 1]
             if B > 1:
@@ -603,7 +615,7 @@ class Model:
         while start < len(ids) - 1:
             window = np.asarray(ids[start : start + C], np.int64)[None]
             if self.kv_session is not None:
-                lg = _SharedCache(self, window.shape[1]).prefill(window, all_positions=True)[:-1].astype(np.float64)
+                lg = _SharedCache(self, 1, window.shape[1]).prefill(window, all_positions=True)[0, :-1].astype(np.float64)
             else:
                 logits, _ = self._run(window, np.ones_like(window), np.arange(window.shape[1], dtype=np.int64)[None], None)
                 lg = logits[0, :-1].astype(np.float64)
@@ -687,10 +699,10 @@ def load(folder: str | Path, provider: str = "auto", threads: int | None = None,
     """Open an exported artifact folder. Checks the manifest (format, version, files, sizes;
     sha256 with verify="sha256") before ONNX Runtime reads a byte of the model.
 
-    graph: "auto" runs single prompts on the shared-cache graph (model.kv.onnx) when the artifact
-    has one and the session runs on the CPU, and opens model.onnx only when a batch or `forward`
-    needs it (then both sessions hold the weights); "spec" uses model.onnx alone (one copy of the
-    weights, batches included); "kv" insists on model.kv.onnx. On CUDA "auto" means "spec": the
+    graph: "auto" generates (batches too) on the shared-cache graph (model.kv.onnx) when the
+    artifact has one and the session runs on the CPU, and opens model.onnx only when `forward`
+    needs it (then both sessions hold the weights); "spec" uses model.onnx alone; "kv" insists on
+    model.kv.onnx. On CUDA "auto" means "spec": the
     kv graph is float32 and ONNX Runtime's CUDA GroupQueryAttention takes float16/bfloat16 only.
     """
     if provider not in PROVIDERS:

@@ -242,8 +242,9 @@ def test_cli_generate_and_score(model, tmp_path):
     assert h.returncode == 0 and "--max-new-tokens" in h.stdout and "greedy" in h.stdout.lower()
 
 
-def test_kv_graph_serves_single_prompts_and_spec_graph_opens_only_for_batches(tiny_artifacts, ref):
-    """graph="auto": one session (the shared-cache graph) until a batch or forward needs model.onnx."""
+def test_kv_graph_serves_generation_and_spec_graph_opens_only_for_forward(tiny_artifacts, ref):
+    """graph="auto": one session (the shared-cache graph) for generate, stream, score and batches;
+    model.onnx opens only when `forward` (the SPEC 3 interface) is called."""
     from reference.generate import generate
 
     m = runtime.load(tiny_artifacts("arith"), provider="cpu")
@@ -252,10 +253,14 @@ def test_kv_graph_serves_single_prompts_and_spec_graph_opens_only_for_batches(ti
     assert m.generate(ids, max_new_tokens=24).ids == generate(ref, ids, 24, eos_token_id=m.eos_token_ids)
     m.score(PROMPT)
     "".join(m.stream(PROMPT, max_new_tokens=8))
-    assert m._session is None  # single prompts never touched model.onnx
-    rows = m.generate([PROMPT, "Once"], max_new_tokens=8)
+    prompts = [PROMPT, "Once", "A long time ago, in a galaxy far away"]
+    rows = m.generate(prompts, max_new_tokens=12)  # right-padded batch on the kv graph
+    assert m._session is None
+    for p, r in zip(prompts, rows):
+        pid = m.encode(p)
+        assert r.ids == generate(ref, pid, 12, eos_token_id=m.eos_token_ids)
+    m.forward(np.array([ids], np.int64))
     assert m._session is not None
-    assert rows[0].ids == m.generate(PROMPT, max_new_tokens=8).ids
 
 
 def test_artifact_without_kv_graph(tiny_ckpt, tmp_path):
