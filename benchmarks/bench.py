@@ -142,8 +142,8 @@ def worker_torch(args: argparse.Namespace) -> dict:
 
 
 def worker_ort(args: argparse.Namespace) -> dict:
-    """The runtime package on one artifact, through `generate` as an app calls it: session load,
-    prefill, TTFT, decode at each context. `--graph spec` forces model.onnx (the SPEC 3 graph)."""
+    """The runtime package on one artifact, as an app calls it: session load, prefill and TTFT
+    through `generate`, decode through generate's own step loop. `--graph spec` forces model.onnx."""
     import runtime
 
     t0 = time.perf_counter()
@@ -168,13 +168,19 @@ def worker_ort(args: argparse.Namespace) -> dict:
         out[f"ttft_{n}_s"] = dt
         if n == args.prefill[0]:  # weights + a short prompt: before long contexts grow the cache and the arena
             out["peak_rss_first_prompt_bytes"] = peak_rss_bytes()
+    def decode_rate(prompt: list[int], steps: int) -> float:
+        """generate's own loop (Model._steps, which yields after each step's token), timed from
+        the first token to the last: the decode steps alone, no prompt in the difference."""
+        rows, _, sampling, end_ids, _ = model._setup(prompt, steps + 1, False, 1.0, 0, 1.0, 1.0, steps + 1, None)
+        marks = [time.perf_counter() for _ in model._steps(rows, steps + 1, sampling, steps + 1, end_ids, None,
+                                                            lambda i, t: None)]
+        assert len(rows[0].ids) == steps + 1
+        return steps / (marks[-1] - marks[0])
+
     for ctx in args.contexts:
-        # decode time = (prompt + 1 + steps tokens) - (prompt + 1 token), both through generate
         prompt = _prompt(ctx, V)
-        timed(prompt, 2)  # warm-up at this context
-        first = min(timed(prompt, 1) for _ in range(2))
-        total = timed(prompt, args.steps + 1)
-        out[f"decode_{ctx}_tok_s"] = args.steps / max(total - first, 1e-9)
+        decode_rate(prompt, 2)  # warm-up at this context
+        out[f"decode_{ctx}_tok_s"] = decode_rate(prompt, args.steps)
     out["peak_rss_bytes"] = peak_rss_bytes()
     return out
 
@@ -203,6 +209,18 @@ def run_worker(kind: str, args: argparse.Namespace, artifact: Path | None = None
     total = (busy1[1] - busy0[1]) / hz  # CPU-seconds available on all CPUs during the worker
     others = (busy1[0] - busy0[0]) / hz - own
     out["other_processes_cpu_fraction"] = round(max(0.0, others) / max(total, 1e-9), 3)
+    return out
+
+
+def median_result(runs: list[dict]) -> dict:
+    """Per-key median of numeric results over rounds (the rest from the first round), plus the rounds."""
+    import statistics
+
+    out = dict(runs[0])
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = statistics.median(r[k] for r in runs)
+    out["rounds_raw"] = runs
     return out
 
 
@@ -356,8 +374,10 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
 
 def report(results: dict) -> str:
     bw = results["bandwidth"]["read_bandwidth_Bps"]
-    lines = [f"read bandwidth {bw / 1e9:.1f} GB/s (" + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in results["bandwidth"].items()
-                                                       if k != "read_bandwidth_Bps") + "); roofline tok/s: " +
+    rounds = results.get("rounds", 1)
+    lines = [f"read bandwidth {bw / 1e9:.1f} GB/s, median of {rounds} (" +
+             ", ".join(f"{k} {v / 1e9:.1f}" for k, v in results["bandwidth"].items()
+                       if k.endswith("_Bps") and k != "read_bandwidth_Bps") + "); roofline tok/s: " +
              ", ".join(f"{k} {v:.1f}" for k, v in results["roofline_tok_s"].items()),
              f"parity gate (from each manifest): {results.get('parity')}", "", table(results), "", "| target | met | measured |",
              "|---|---|---|"]
@@ -377,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-spec", action="store_true",
                    help="do not also time each artifact on model.onnx alone (graph='spec'), beside the default")
     p.add_argument("--graph", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=3, help="runs of every runner, interleaved; figures are medians (default 3)")
     p.add_argument("--quick", action="store_true", help="8 decode steps, one context, one prefill length")
     p.add_argument("--report", action="store_true", help="print the table, targets and chart of results/bench.json again; measure nothing")
     p.add_argument("--worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)
@@ -391,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report(results))
         return 0
     if args.quick:
-        args.steps, args.contexts, args.prefill = 8, args.contexts[:1], args.prefill[:1]
+        args.steps, args.contexts, args.prefill, args.rounds = 8, args.contexts[:1], args.prefill[:1], 1
 
     sys.path.insert(0, str(ROOT))
     ensure_checkpoint()
@@ -400,26 +421,36 @@ def main(argv: list[str] | None = None) -> int:
                      "machine": {"cpu": platform.processor() or platform.machine(), "threads": THREADS,
                                  "nproc": os.cpu_count()},
                      "date": time.strftime("%Y-%m-%d %H:%M:%S"), "ort": {}}
-    log("bench: read bandwidth")
-    results["bandwidth"] = run_worker("bandwidth", args)
-    bw = results["bandwidth"]["read_bandwidth_Bps"]
     results["weight_bytes"] = {"checkpoint_fp32": weight_bytes(CKPT)}
-    results["roofline_tok_s"] = {}
     for prec, folder in artifacts.items():
-        wb = artifact_weight_bytes(folder)
-        results["weight_bytes"][prec] = wb
-        results["roofline_tok_s"][prec] = bw / wb
+        results["weight_bytes"][prec] = artifact_weight_bytes(folder)
         manifest = json.loads((folder / "manifest.json").read_text())
         results.setdefault("parity", {})[prec] = manifest.get("parity", {}).get("passed")
+    # The machine's memory bandwidth drifts by +-15% within minutes (other tenants of the host; the
+    # 2-thread GEMV read 44.9-58.6 GB/s in runs minutes apart), so every runner runs `rounds` times,
+    # interleaved with the others, and each figure is the median over the rounds.
+    runners: list[tuple[str, str, str | None, Path | None, str]] = [("bandwidth", "", None, None, "read bandwidth")]
     if not args.skip_torch:
-        log("bench: PyTorch eager reference")
-        results["torch"] = run_worker("torch", args)
+        runners.append(("torch", "", None, None, "PyTorch eager reference"))
     for prec, folder in artifacts.items():
-        log(f"bench: runtime {prec}")
-        results["ort"][prec] = run_worker("ort", args, folder)
+        runners.append(("ort", prec, None, folder, f"runtime {prec}"))
         if not args.skip_spec:
-            log(f"bench: runtime {prec} on model.onnx (graph='spec')")
-            results.setdefault("ort_spec", {})[prec] = run_worker("ort", args, folder, graph="spec")
+            runners.append(("ort_spec", prec, "spec", folder, f"runtime {prec} on model.onnx (graph='spec')"))
+    rounds: dict[tuple[str, str], list[dict]] = {}
+    for r in range(args.rounds):
+        for key, prec, graph, folder, what in runners:
+            log(f"bench: round {r + 1}/{args.rounds}: {what}")
+            kind = key if key in ("torch", "bandwidth") else "ort"
+            rounds.setdefault((key, prec), []).append(run_worker(kind, args, folder, graph=graph or "auto"))
+    for (key, prec), runs in rounds.items():
+        med = median_result(runs)
+        if key in ("torch", "bandwidth"):
+            results[key] = med
+        else:
+            results.setdefault(key, {})[prec] = med
+    results["rounds"] = args.rounds
+    bw = results["bandwidth"]["read_bandwidth_Bps"]
+    results["roofline_tok_s"] = {prec: bw / results["weight_bytes"][prec] for prec in artifacts}
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS / "bench.json.tmp"
