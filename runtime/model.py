@@ -149,7 +149,6 @@ class _SharedCache:
         b.bind_ortvalue_input(I.TOTAL_SEQUENCE_LENGTH, self._inputs[I.TOTAL_SEQUENCE_LENGTH])
         self._keep_value = ort.OrtValue.ortvalue_from_numpy(self.keep)
         self.has_keep = m._kv_has_keep
-        self.lengths = np.zeros(batch, np.int32)  # tokens in each row's cache
 
     def prefill(self, ids: np.ndarray, lengths: Sequence[int] | None = None, all_positions: bool = False) -> np.ndarray:
         """Run right-padded prompts [B, S] (row b's tokens first, `lengths[b]` of them) on an empty
@@ -170,7 +169,7 @@ class _SharedCache:
         if whole:
             b.bind_output(I.LOGITS, "cpu")
         self.sess.run_with_iobinding(b)
-        self.lengths[:] = lens
+        self.seqlens[:] = lens  # tokens in each row's cache = where its next token goes
         b.bind_ortvalue_input(I.INPUT_IDS, self._inputs[I.INPUT_IDS])  # decode from here on
         if not whole:
             return self.logits[:, 0]
@@ -185,10 +184,9 @@ class _SharedCache:
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """One decode step for every row: logits [B, V] (a view that the next step overwrites)."""
         self.tokens[:, 0] = tokens
-        self.seqlens[:] = self.lengths
-        self.total[()] = int(self.lengths.max()) + 1
+        self.total[()] = int(self.seqlens.max()) + 1
         self.sess.run_with_iobinding(self.b)
-        self.lengths += 1
+        self.seqlens += 1
         return self.logits[:, 0]
 
 
