@@ -78,10 +78,10 @@ def check_arguments(out: Path, code: str, precision: str, provider: str, opset: 
     if trust_remote_code:
         import importlib.util
 
+        from .remote import NO_TRANSFORMERS
+
         if importlib.util.find_spec("transformers") is None:
-            raise ExportError("--trust-remote-code needs the transformers package, which is not installed; "
-                              "pip install 'tablefree-onnx[remote]', or export without the flag (the adapter reads "
-                              "the weights without running the folder's code)")
+            raise ExportError(NO_TRANSFORMERS)
     from reference.config import BIT_ORDERS, TILINGS, VALUE_MAPS
 
     for key, allowed in (("bit_order", BIT_ORDERS), ("values", VALUE_MAPS), ("tiling", TILINGS)):
@@ -127,11 +127,9 @@ def apply_overrides(cfg, overrides: dict) -> None:
 
 def note_folder_code(folder: Path, log: Callable[[str], None]) -> None:
     """Say so when a folder ships model code that this build does not run (SPEC 2: only on request)."""
-    try:
-        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map")
-    except (OSError, ValueError, AttributeError):
-        return
-    if auto_map:
+    from .remote import folder_auto_map
+
+    if folder_auto_map(folder):
         log(f"[export] note: {folder.name} ships its own model code (auto_map in config.json); it was not run. "
             "Pass --trust-remote-code to check the reference against it")
 

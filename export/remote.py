@@ -24,6 +24,9 @@ from .floors import FP32_REL_TOL
 CODE_FIELDS = ("bit_order", "values", "tiling")
 BLOCK_FIELDS = ("norm_type", "rope_pairing", "hidden_act")
 SEARCH_FIELDS = CODE_FIELDS + BLOCK_FIELDS
+NO_TRANSFORMERS = ("--trust-remote-code needs the transformers package, which is not installed; "
+                   "pip install 'tablefree-onnx[remote]', or export without the flag (the adapter reads "
+                   "the weights without running the folder's code)")
 PROBE_SEED = 20605  # fixed: the same probes every build, so reports are comparable
 PROBE_ROWS, PROBE_LEN = 2, 12
 
@@ -75,20 +78,24 @@ def probe_ids(vocab_size: int, max_len: int):
     return ids
 
 
+def folder_auto_map(folder: Path) -> dict:
+    """config.json's auto_map (where a folder names its own model code); {} when there is none."""
+    import json
+
+    try:
+        auto_map = json.loads((Path(folder) / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return auto_map if isinstance(auto_map, dict) else {}
+
+
 def load_remote_model(folder: Path):
     """The folder's own model, fp32, eval, through transformers with its code; errors made readable."""
     try:
         import transformers
     except ImportError:
-        raise ExportError("--trust-remote-code needs the transformers package, which is not installed; "
-                          "pip install 'tablefree-onnx[remote]', or export without the flag (the adapter reads "
-                          "the weights without running the folder's code)") from None
-    import json
-
-    try:
-        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map") or {}
-    except (OSError, ValueError):
-        auto_map = {}
+        raise ExportError(NO_TRANSFORMERS) from None
+    auto_map = folder_auto_map(folder)
     if "AutoModelForCausalLM" not in auto_map and "AutoModel" not in auto_map:
         raise ExportError(f"--trust-remote-code: {folder}/config.json has no auto_map naming the folder's model code "
                           "(AutoModelForCausalLM), so there is no code to compare with; export without the flag")
