@@ -25,30 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / "benchmarks" / "cache"
-RESULTS = ROOT / "benchmarks" / "results"
+from common import (CACHE, RESULTS, ROOT, THREADS, child_env, ensure_full_checkpoint, log, markdown_table,
+                    peak_rss_bytes, run_json, weight_bytes, write_json)
+
 CKPT = CACHE / "full-ckpt"
 PRECISIONS = ("fp32", "int8", "int4")
-THREADS = 2
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def peak_rss_bytes() -> int:
-    """VmHWM of this process: the peak resident set, which is what a user's machine must hold."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def weight_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
 # -- workers (run in a subprocess each) -----------------------------------------------------------
@@ -193,13 +174,9 @@ def run_worker(kind: str, args: argparse.Namespace, artifact: Path | None = None
            "--contexts", *map(str, args.contexts), "--prefill", *map(str, args.prefill)]
     if artifact is not None:
         cmd += ["--artifact", str(artifact)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(ROOT)}
     busy0 = _cpu_busy()
     own0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if res.returncode != 0:
-        raise SystemExit(f"bench worker {kind} failed:\n{res.stderr[-3000:]}")
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = run_json(cmd, f"bench worker {kind}", env=child_env(OMP_NUM_THREADS=str(THREADS)))
     # the machine is shared: a 2-thread ORT pool collapses when another process holds a core
     # (measured: int4 decode 73 -> 17 tok/s), so each row records how busy the CPUs were
     busy1 = _cpu_busy()
@@ -236,14 +213,6 @@ def _cpu_busy() -> tuple[int, int]:
 
 # -- the driver -----------------------------------------------------------------------------------
 
-def ensure_checkpoint() -> None:
-    if (CKPT / "config.json").is_file() and weight_bytes(CKPT) > 0:
-        return
-    log(f"bench: writing the full-size synthetic checkpoint to {CKPT} (once; cached)")
-    subprocess.run([sys.executable, "-m", "reference.factory", "--out", str(CKPT), "--size", "full"],
-                   check=True, cwd=ROOT)
-
-
 def export_key() -> str:
     """Hash of the exporter's and graph passes' source: a cached artifact from other code is rebuilt."""
     import hashlib
@@ -262,10 +231,10 @@ def ensure_artifact(precision: str, code: str) -> Path:
         return out
     log(f"bench: exporting {precision} ({code} lift) to {out} with the parity gate (once; cached)")
     subprocess.run([sys.executable, "-m", "export", "build", "--model", str(CKPT), "--out", str(out),
-                    "--code", code, "--precision", precision, "--force"], check=True, cwd=ROOT)
+                    "--code", code, "--precision", precision, "--force"], check=True, cwd=ROOT, env=child_env())
     keys = json.loads(keys_file.read_text()) if keys_file.is_file() else {}
     keys[out.name] = export_key()
-    keys_file.write_text(json.dumps(keys, indent=2) + "\n")
+    write_json(keys_file, keys)
     return out
 
 
@@ -310,10 +279,10 @@ def table(results: dict) -> str:
     n0, c0 = pre[0], ctxs[0]
     cols = ["load s", "peak RSS GB", "RSS / weights"] + [f"prefill {n} tok/s" for n in pre] + ["prefill x torch", f"TTFT {n0} s"] + \
            [f"decode@{c} tok/s" for c in ctxs] + (["decode ctx ratio"] if len(ctxs) > 1 else []) + ["% roofline", "decode x torch"]
-    lines = ["| runner | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    lines: list[list[str]] = []
     torch_r = results.get("torch")
 
-    def row(name: str, r: dict, precision: str) -> str:
+    def row(name: str, r: dict, precision: str) -> list[str]:
         wb = results["weight_bytes"].get(precision, results["weight_bytes"]["checkpoint_fp32"])
         cells = [f"{r['load_s']:.2f}", f"{r['peak_rss_bytes'] / 1e9:.2f}", f"{r['peak_rss_bytes'] / wb:.2f}"]
         cells += [f"{r[f'prefill_{n}_tok_s']:.0f}" for n in pre]
@@ -325,7 +294,7 @@ def table(results: dict) -> str:
         roof = results.get("roofline_tok_s", {}).get(precision)
         cells.append(f"{100 * r[f'decode_{c0}_tok_s'] / roof:.0f}%" if roof else "-")
         cells.append(f"{r[f'decode_{c0}_tok_s'] / torch_r[f'decode_{c0}_tok_s']:.2f}" if torch_r else "-")
-        return f"| {name} | " + " | ".join(cells) + " |"
+        return [name, *cells]
 
     if torch_r:
         lines.append(row("torch eager fp32", torch_r, "fp32"))
@@ -333,7 +302,7 @@ def table(results: dict) -> str:
         lines.append(row(f"runtime {p} ({r.get('graph', 'model.onnx')})", r, p))
     for p, r in results.get("ort_spec", {}).items():
         lines.append(row(f"runtime {p} (model.onnx, graph='spec')", r, p))
-    return "\n".join(lines)
+    return markdown_table(["runner", *cols], lines)
 
 
 def targets(results: dict) -> list[tuple[str, bool | None, str]]:
@@ -379,10 +348,9 @@ def report(results: dict) -> str:
              ", ".join(f"{k} {v / 1e9:.1f}" for k, v in results["bandwidth"].items()
                        if k.endswith("_Bps") and k != "read_bandwidth_Bps") + "); roofline tok/s: " +
              ", ".join(f"{k} {v:.1f}" for k, v in results["roofline_tok_s"].items()),
-             f"parity gate (from each manifest): {results.get('parity')}", "", table(results), "", "| target | met | measured |",
-             "|---|---|---|"]
-    for what, met, value in targets(results):
-        lines.append(f"| {what} | {'-' if met is None else ('yes' if met else 'NO')} | {value} |")
+             f"parity gate (from each manifest): {results.get('parity')}", "", table(results), ""]
+    met_rows = [(what, "-" if met is None else ("yes" if met else "NO"), value) for what, met, value in targets(results)]
+    lines.append(markdown_table(["target", "met", "measured"], met_rows))
     return "\n".join(lines)
 
 
@@ -414,8 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps, args.contexts, args.prefill, args.rounds = 8, args.contexts[:1], args.prefill[:1], 1
 
-    sys.path.insert(0, str(ROOT))
-    ensure_checkpoint()
+    ensure_full_checkpoint(CKPT)
     artifacts = {prec: ensure_artifact(prec, args.code) for prec in args.precisions}
     results: dict = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "artifact")},
                      "machine": {"cpu": platform.processor() or platform.machine(), "threads": THREADS,
@@ -452,10 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = results["bandwidth"]["read_bandwidth_Bps"]
     results["roofline_tok_s"] = {prec: bw / results["weight_bytes"][prec] for prec in artifacts}
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / "bench.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, RESULTS / "bench.json")
+    write_json(RESULTS / "bench.json", results)
     chart(results, RESULTS / "bench.png")
     print(report(results))
     print(f"\nwrote {RESULTS / 'bench.json'} and {RESULTS / 'bench.png'}")

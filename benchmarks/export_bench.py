@@ -5,9 +5,10 @@ that child) and wall time are its own. The stage timings come from the artifact'
 Target (issue 3), fp32: <= 90 s and peak RSS <= 2.5x the weight bytes. The parity gate runs as in
 any build (`--no-verify` is not used) and its time is listed separately.
 
-    .venv/bin/python benchmarks/export_bench.py [--ckpt benchmarks/cache/full] [--precisions fp32 int4]
+    .venv/bin/python benchmarks/export_bench.py [--ckpt benchmarks/cache/full-ckpt] [--precisions fp32 int4]
 
-The checkpoint is made with `python -m reference.factory --size full` when missing (about 2 GB).
+The checkpoint is made with `python -m reference.factory --size full` when missing (about 2 GB;
+the same folder `make bench` uses).
 Prints a table and writes benchmarks/results/export.json.
 """
 from __future__ import annotations
@@ -16,15 +17,15 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "export.json"  # --no-verify runs go to export-noverify.json
+from common import CACHE, RESULTS, ROOT, child_env, ensure_full_checkpoint, log, text_table, weight_bytes, write_json
+
+OUT_JSON = RESULTS / "export.json"  # --no-verify runs go to export-noverify.json
 
 _CHILD = r"""
 import resource, runpy, sys
@@ -36,17 +37,12 @@ finally:
 """
 
 
-def weight_bytes(ckpt: Path) -> int:
-    return sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
-
-
 def export_once(ckpt: Path, out: Path, precision: str, code: str, verify: bool = True) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", _CHILD, "build", "--model", str(ckpt), "--out", str(out),
                           "--code", code, "--precision", precision, "--force", *([] if verify else ["--no-verify"])],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+                         cwd=ROOT, env=child_env(), capture_output=True, text=True)
     wall = time.perf_counter() - t0
     peak_kb = next((int(l.split()[1]) for l in res.stderr.splitlines() if l.startswith("PEAK_RSS_KB")), 0)
     row = {"precision": precision, "code": code, "verify": verify, "ok": res.returncode == 0, "wall_s": round(wall, 1),
@@ -66,38 +62,30 @@ def export_once(ckpt: Path, out: Path, precision: str, code: str, verify: bool =
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=str(ROOT / "benchmarks" / "cache" / "full"))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "cache" / "export"))
+    p.add_argument("--ckpt", default=str(CACHE / "full-ckpt"))
+    p.add_argument("--out", default=str(CACHE / "export"))
     p.add_argument("--precisions", nargs="+", default=["fp32", "int4"])
     p.add_argument("--code", default="arith")
     p.add_argument("--no-verify", action="store_true", help="export only: peak RSS without the gate's ORT session")
     p.add_argument("--keep", action="store_true", help="keep the artifacts (deleted otherwise)")
     args = p.parse_args(argv)
-    ckpt = Path(args.ckpt)
-    if not (ckpt / "config.json").is_file():
-        print(f"making the full-size synthetic checkpoint in {ckpt} ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "reference.factory", "--size", "full", "--out", str(ckpt)],
-                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    ckpt = ensure_full_checkpoint(Path(args.ckpt))
     wb = weight_bytes(ckpt)
     rows = []
     for prec in args.precisions:
         row = export_once(ckpt, Path(args.out) / f"full-{args.code}-{prec}", prec, args.code, not args.no_verify)
         row["rss_over_weights"] = round(row["peak_rss_bytes"] / wb, 2)
         rows.append(row)
-        print(json.dumps(row), file=sys.stderr)
+        log(json.dumps(row))
         if not args.keep:
             shutil.rmtree(Path(args.out) / f"full-{args.code}-{prec}", ignore_errors=True)
     print(f"full-size export (weights {wb / 1e9:.2f} GB, {os.cpu_count()} CPUs)")
-    print(f"{'precision':<10}{'ok':<5}{'export s':>10}{'verify s':>10}{'wall s':>9}{'peak RSS GB':>13}{'x weights':>11}")
-    for r in rows:
-        print(f"{r['precision']:<10}{str(r['ok']):<5}{r.get('export_s', float('nan')):>10}"
-              f"{r.get('verify_s') or float('nan'):>10}{r['wall_s']:>9}{r['peak_rss_bytes'] / 1e9:>13.2f}"
-              f"{r['rss_over_weights']:>11}")
-    results = RESULTS.with_name("export-noverify.json") if args.no_verify else RESULTS
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                                   "weight_bytes": wb, "targets": {"fp32_s": 90, "fp32_rss_x": 2.5},
-                                   "runs": rows}, indent=2) + "\n")
+    print(text_table(["precision", "ok", "export s", "verify s", "wall s", "peak RSS GB", "x weights"],
+                     [(r["precision"], r["ok"], r.get("export_s", "-"), r.get("verify_s") or "-", r["wall_s"],
+                       f"{r['peak_rss_bytes'] / 1e9:.2f}", r["rss_over_weights"]) for r in rows]))
+    results = OUT_JSON.with_name("export-noverify.json") if args.no_verify else OUT_JSON
+    write_json(results, {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                         "weight_bytes": wb, "targets": {"fp32_s": 90, "fp32_rss_x": 2.5}, "runs": rows})
     return 0 if all(r["ok"] for r in rows) else 1
 
 

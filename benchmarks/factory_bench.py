@@ -11,19 +11,18 @@ is deleted afterwards unless --keep is given.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "factory.json"
+from common import CACHE, RESULTS, run_json, text_table, weight_bytes, write_json
 
+OUT_JSON = RESULTS / "factory.json"
+
+# runs in a child (common.child_env puts the project on PYTHONPATH); VmRSS before the phase is its base
 _PHASE = r"""
 import json, sys, time
-sys.path.insert(0, {root!r})
 
 def vm(key):
     for line in open("/proc/self/status"):
@@ -56,16 +55,12 @@ print(json.dumps(dict(seconds=time.perf_counter() - t0, peak_rss=vm("VmHWM:"), b
 
 
 def run_phase(phase: str, out: Path) -> dict:
-    code = _PHASE.format(root=str(ROOT), phase=phase, out=str(out))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"{phase} phase failed:\n{r.stderr}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, "-c", _PHASE.format(phase=phase, out=str(out))], f"{phase} phase")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "cache" / "factory_full")
+    p.add_argument("--out", type=Path, default=CACHE / "factory_full")
     p.add_argument("--keep", action="store_true", help="keep the written folder (other benchmarks may reuse it)")
     args = p.parse_args()
     if args.out.exists():
@@ -73,28 +68,27 @@ def main() -> None:
     t0 = time.perf_counter()
     write = run_phase("write", args.out)
     write_wall = time.perf_counter() - t0
-    weight_bytes = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
+    wb = weight_bytes(args.out)
     load = run_phase("load", args.out)
     gb = 1e9
     result = {
-        "weight_bytes": weight_bytes,
+        "weight_bytes": wb,
         "write": {**write, "wall_seconds_with_startup": write_wall, "target_seconds": 90, "target_peak_rss": 2.5 * gb},
-        "load": {**load, "ratio_to_weights": load["peak_rss"] / weight_bytes,
-                 "ratio_to_weights_above_base": (load["peak_rss"] - load["base_rss"]) / weight_bytes, "target_ratio": 2.0},
+        "load": {**load, "ratio_to_weights": load["peak_rss"] / wb,
+                 "ratio_to_weights_above_base": (load["peak_rss"] - load["base_rss"]) / wb, "target_ratio": 2.0},
     }
     result["write"]["ok"] = write["seconds"] <= 90 and write["peak_rss"] <= 2.5 * gb
     result["load"]["ok"] = result["load"]["ratio_to_weights"] <= 2.0
-    print(f"{'phase':<6} {'seconds':>8} {'peak RSS GB':>12} {'base RSS GB':>12}  notes")
-    print(f"{'write':<6} {write['seconds']:8.1f} {write['peak_rss'] / gb:12.2f} {write['base_rss'] / gb:12.2f}  "
-          f"{weight_bytes / gb:.2f} GB of weights; target <= 90 s, <= 2.5 GB: {'ok' if result['write']['ok'] else 'MISSED'}")
-    print(f"{'load':<6} {load['load_seconds']:8.1f} {load['peak_rss'] / gb:12.2f} {load['base_rss'] / gb:12.2f}  "
-          f"peak / weights = {result['load']['ratio_to_weights']:.2f} (target <= 2): {'ok' if result['load']['ok'] else 'MISSED'}; "
-          f"{load['params'] / 1e6:.0f}M params")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(RESULTS)
-    print(f"wrote {RESULTS}")
+    ok = {True: "ok", False: "MISSED"}
+    print(text_table(["phase", "seconds", "peak RSS GB", "base RSS GB", "notes"], [
+        ("write", f"{write['seconds']:.1f}", f"{write['peak_rss'] / gb:.2f}", f"{write['base_rss'] / gb:.2f}",
+         f"{wb / gb:.2f} GB of weights; target <= 90 s, <= 2.5 GB: {ok[result['write']['ok']]}"),
+        ("load", f"{load['load_seconds']:.1f}", f"{load['peak_rss'] / gb:.2f}", f"{load['base_rss'] / gb:.2f}",
+         f"peak / weights = {result['load']['ratio_to_weights']:.2f} (target <= 2): {ok[result['load']['ok']]}; "
+         f"{load['params'] / 1e6:.0f}M params"),
+    ]))
+    write_json(OUT_JSON, result)
+    print(f"wrote {OUT_JSON}")
     if not args.keep:
         shutil.rmtree(args.out)
 

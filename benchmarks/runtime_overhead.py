@@ -20,7 +20,6 @@ plus every artifact folder found under benchmarks/cache/ (a full-size export, wh
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -29,12 +28,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import CACHE, RESULTS, log, text_table, write_json
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-import runtime  # noqa: E402
-from runtime import interface as I  # noqa: E402
+import runtime
+from runtime import interface as I
 
 
 def tiny_artifact(work: Path) -> Path:
@@ -232,41 +229,36 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-cache", action="store_true", help="skip the full-size artifacts under benchmarks/cache/")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "runtime_overhead.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "runtime_overhead.json")
     args = ap.parse_args()
     folders = list(args.model)
     tmp = None
     if not folders:
         tmp = tempfile.TemporaryDirectory()
         folders.append(tiny_artifact(Path(tmp.name)))
-    cache = HERE / "cache"
-    if cache.is_dir() and not args.no_cache:
-        folders += sorted(p.parent for p in cache.glob("**/" + I.MANIFEST_FILE))
+    if CACHE.is_dir() and not args.no_cache:
+        folders += sorted(p.parent for p in CACHE.glob("**/" + I.MANIFEST_FILE))
     rows = []
     for f in folders:
-        print(f"[bench] {f}", file=sys.stderr, flush=True)
+        log(f"[bench] {f}")
         rows.append(measure(f, args.steps, args.repeats, args.threads))
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.2f}%"
 
-    print(f"{'artifact':<28} {'steps':>5} {'generate':>10} {'bare_kv':>10} {'bare_iob':>10} {'bare_run':>10}"
-          f" {'ovh/kv':>8} {'ovh/iob':>8} {'ovh/run':>8} {'ovh/kv':>8} {'ovh/run':>8} {'outside':>8}")
-    print(f"{'':<28} {'':>5} {'ms/token':>10} {'ms/token':>10} {'ms/token':>10} {'ms/token':>10}"
-          f" {'median':>8} {'median':>8} {'median':>8} {'best':>8} {'best':>8} {'Run':>8}")
+    header = ["artifact", "steps", "generate ms/tok", "bare_kv ms/tok", "bare_iob ms/tok", "bare_run ms/tok",
+              "ovh/kv median", "ovh/iob median", "ovh/run median", "ovh/kv best", "ovh/run best", "outside Run"]
+    table = []
     for r in rows:
         t = r["ms_per_token"]
-        kv = f"{t['bare_kv']:.3f}" if "bare_kv" in t else "-"
-        print(f"{Path(r['artifact']).name[:28]:<28} {r['steps']:>5} {t['generate']:>10.3f} {kv:>10} {t['bare_iob']:>10.3f} "
-              f"{t['bare_run']:>10.3f} {pct(r['overhead_vs_bare_kv']):>8} {pct(r['overhead_vs_bare_iob']):>8}"
-              f" {pct(r['overhead_vs_bare_run']):>8} {pct(r['overhead_vs_bare_kv_min']):>8}"
-              f" {pct(r['overhead_vs_bare_run_min']):>8} {pct(r['overhead_outside_run']):>8}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text(json.dumps({"host": platform.node(), "python": platform.python_version(),
-                                   "onnxruntime": __import__("onnxruntime").__version__,
-                                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": rows}, indent=2))
-    tmp_out.replace(args.out)
-    print(f"[bench] wrote {args.out}", file=sys.stderr)
+        table.append((Path(r["artifact"]).name[:28], r["steps"], f"{t['generate']:.3f}",
+                      f"{t['bare_kv']:.3f}" if "bare_kv" in t else "-", f"{t['bare_iob']:.3f}", f"{t['bare_run']:.3f}",
+                      pct(r["overhead_vs_bare_kv"]), pct(r["overhead_vs_bare_iob"]), pct(r["overhead_vs_bare_run"]),
+                      pct(r["overhead_vs_bare_kv_min"]), pct(r["overhead_vs_bare_run_min"]), pct(r["overhead_outside_run"])))
+    print(text_table(header, table))
+    write_json(args.out, {"host": platform.node(), "python": platform.python_version(),
+                          "onnxruntime": __import__("onnxruntime").__version__,
+                          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": rows})
+    log(f"[bench] wrote {args.out}")
     if tmp is not None:
         tmp.cleanup()
     return 0
