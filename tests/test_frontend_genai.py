@@ -125,3 +125,30 @@ def test_genai_shared_buffer_graph(genai_py, tmp_path_factory, tmp_path, mode):
     assert cfg["search"]["past_present_share_buffer"] is True
     assert cfg["model"]["decoder"]["filename"] == "model.genai.onnx"
     _check_generation(genai_py, genai_kv_folder(shipped, tmp_path / "kv"), artifact, tmp_path)
+
+
+def test_verify_genai_kv_teacher_forcing(shipped):
+    """export/verify_genai.py (the gate's check, plain onnxruntime, no genai): model.genai.onnx fed as
+    genai feeds it gives model.onnx's full-sequence logits at every position, and a wrong
+    expectation is reported."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from export.verify_genai import GenaiKvMismatch, check_genai_kv
+
+    ids = [55841, 55712, 10, 55342, 100, 55534, 58571, 55548, 101, 56944, 55437, 100, 55548, 101]
+    cfg = json.loads((shipped / "config.json").read_text())
+    sess = ort.InferenceSession(str(shipped / "model.onnx"), providers=["CPUExecutionProvider"])
+    n, heads, hs = len(ids), cfg["num_attention_heads"], cfg["hidden_size"] // cfg["num_attention_heads"]
+    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, n), np.int64),
+            "position_ids": np.arange(n, dtype=np.int64)[None]}
+    for i in range(cfg["num_hidden_layers"]):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, heads, 0, hs), np.float32)
+    expected = sess.run(["logits"], feed)[0][0]
+    tol = 1e-4 * float(np.abs(expected).max())
+    assert check_genai_kv(shipped, ids, expected, tol, prompt_len=3) <= tol
+    wrong = expected.copy()
+    wrong[7, 0] += 1.0
+    with pytest.raises(GenaiKvMismatch, match="position 7"):
+        check_genai_kv(shipped, ids, wrong, tol, prompt_len=3)
