@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 folder, texts_path = sys.argv[1], sys.argv[2]
 texts = json.loads(open(texts_path, encoding="utf-8").read())
-gtok = og.Tokenizer(og.Config(folder) and og.Model(folder))
+gtok = og.Tokenizer(og.Model(folder))
 shipped = Tokenizer.from_file(f"{folder}/tokenizer.json")
 original = Tokenizer.from_file(sys.argv[3]) if len(sys.argv) > 3 else None
 out = []
