@@ -43,3 +43,30 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Front ends that conflict with the main venv get venvs of their own (tests/frontends/shared.py finds
+# them there; a missing one skips locally and fails under CI). Idempotent: redone when this file changes.
+VENVS ?= .venvs
+GENAI_PINS := onnxruntime-genai==0.18.0 onnxruntime==1.32.0 tokenizers==0.23.3 numpy==2.4.6
+# torch first, pinned to the CPU build, or optimum pulls the CUDA one; optimum-onnx 0.1 needs transformers<4.58
+OPTIMUM_PINS := 'optimum-onnx[onnxruntime]==0.1.0' optimum==2.1.0 transformers==4.57.6 onnxruntime==1.32.0 \
+	tokenizers==0.22.2 numpy==2.4.6
+
+.PHONY: setup-genai setup-optimum setup-frontends
+
+setup-genai: $(VENVS)/genai/.installed
+setup-optimum: $(VENVS)/optimum/.installed
+setup-frontends: setup-genai setup-optimum
+
+$(VENVS)/genai/.installed: Makefile
+	test -x $(VENVS)/genai/bin/python || $(PYTHON) -m venv $(VENVS)/genai
+	$(VENVS)/genai/bin/python -m pip install -q --upgrade pip
+	$(VENVS)/genai/bin/python -m pip install -q $(GENAI_PINS)
+	touch $@
+
+$(VENVS)/optimum/.installed: Makefile
+	test -x $(VENVS)/optimum/bin/python || $(PYTHON) -m venv $(VENVS)/optimum
+	$(VENVS)/optimum/bin/python -m pip install -q --upgrade pip
+	$(VENVS)/optimum/bin/python -m pip install -q torch==2.13.0
+	$(VENVS)/optimum/bin/python -m pip install -q $(OPTIMUM_PINS)
+	touch $@
