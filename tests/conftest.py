@@ -1,25 +1,18 @@
-"""Shared fixtures: tiny checkpoints and the bvv241 tokenizer, built once per test session."""
+"""Shared fixtures: the committed bvv241 tokenizer and tiny checkpoints built from it once per session."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from reference.data import MissingDataError
 
 
 @pytest.fixture(scope="session")
-def bvv241_dir(tmp_path_factory) -> Path:
-    """A folder with the bvv241-2-3 tokenizer files (SPEC 4), built from ../shared/data."""
-    from reference.tokenizer import build_bvv241, save_tokenizer
+def bvv241_dir() -> Path:
+    """The committed bvv241-2-3 tokenizer files (SPEC 4); read-only, copy before writing next to them."""
+    from reference.tokenizer import BVV241_DIR
 
-    try:
-        tok = build_bvv241()
-    except MissingDataError as e:
-        pytest.skip(str(e))
-    folder = tmp_path_factory.mktemp("bvv241")
-    save_tokenizer(tok, folder)
-    return folder
+    return BVV241_DIR
 
 
 @pytest.fixture(scope="session")
