@@ -232,25 +232,25 @@ class ModelConfig:
             for tid in value if isinstance(value, list) and name == "eos_token_id" else [value]:
                 if tid is not None:
                     check_int(name, tid, 0, self.vocab_size - 1)
+        self.code.validate()
         need = code_width(self.vocab_size)
         if self.code.bits < need:
-            raise ConfigError(f"code.bits = {self.code.bits} cannot name {self.vocab_size} tokens; need >= {need}")
+            raise ConfigError(f"code.bits = {self.code.bits} cannot name {self.vocab_size} tokens; need >= {need}; fix config.json")
         if self.hidden_size % self.code.bits:
             raise ConfigError(
-                f"hidden_size {self.hidden_size} is not a multiple of code.bits {self.code.bits}; the code cannot tile it"
+                f"hidden_size {self.hidden_size} is not a multiple of code.bits {self.code.bits}; the code cannot tile it; fix config.json"
             )
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}; fix config.json")
         if self.head_size % 2:
-            raise ConfigError(f"head size {self.head_size} is odd; rotary embeddings need an even head size")
+            raise ConfigError(f"head size {self.head_size} is odd; rotary embeddings need an even head size; fix config.json")
         for name, value, allowed in (
             ("hidden_act", self.hidden_act, ACTIVATIONS),
             ("norm_type", self.norm_type, NORM_TYPES),
             ("rope_pairing", self.rope_pairing, ROPE_PAIRINGS),
         ):
             if value not in allowed:
-                raise ConfigError(f"{name} = {value!r} is not one of {allowed}")
-        self.code.validate()
+                raise ConfigError(f"{name} = {value!r} is not one of {allowed}; fix config.json")
 
     # -- config.json --------------------------------------------------------------------------
     def to_dict(self, with_matrix: bool = False) -> dict[str, Any]:

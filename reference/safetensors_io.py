@@ -108,6 +108,9 @@ def weight_files(folder: Path) -> list[Path]:
             raise CheckpointError(f"{folder / INDEX_FILE}: 'weight_map' must map tensor names to file names; {REWRITE}")
         names = sorted(set(weight_map.values()))
         for name in names:
+            if os.path.isabs(name) or ".." in Path(name).parts:
+                raise CheckpointError(f"{folder / INDEX_FILE}: shard {name} is outside {folder}; shards must be files of "
+                                      "the checkpoint folder: fix the index's weight_map")
             if not os.path.lexists(folder / name):
                 raise CheckpointError(f"{folder / INDEX_FILE}: lists shard {name}, which is missing from {folder}; download every shard")
         for name in names:
