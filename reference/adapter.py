@@ -19,7 +19,6 @@ Besides the SPEC 2 names, two fused targets are accepted: `layers.{i}.attn.qkv_p
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
-from .safetensors_io import FLOATS, INTEGERS, CheckpointError, TensorInfo
+from .safetensors_io import FLOATS, INTEGERS, CheckpointError, TensorInfo, read_json_object
 
 KeyMap = dict[str, "str | None"]
 KEY_MAP_HELP = '--key-map FILE.json (a JSON object {"foreign name or regex": "canonical name" or null})'
@@ -116,17 +115,7 @@ def read_key_map(key_map: str | os.PathLike | dict | None) -> KeyMap:
     if key_map is None:
         return {}
     source = "key map" if isinstance(key_map, dict) else f"{key_map}"
-    if isinstance(key_map, dict):
-        data: Any = key_map
-    else:
-        try:
-            data = json.loads(Path(key_map).read_bytes().decode("utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError(f"{source}: key map file not found; pass --key-map with an existing JSON file") from None
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{source}: key map is not readable UTF-8 JSON ({str(e)[:120]}); fix the file") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{source}: a key map is {KEY_MAP_HELP.split(' ', 1)[1]}")
+    data: Any = key_map if isinstance(key_map, dict) else read_json_object(Path(key_map), f"pass {KEY_MAP_HELP}")
     for key, value in data.items():
         if not isinstance(key, str) or not (value is None or isinstance(value, str)):
             raise CheckpointError(f"{source}: entry {key!r}: {value!r} must map a name to a canonical name or null; "

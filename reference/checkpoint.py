@@ -33,6 +33,7 @@ from .safetensors_io import (
     atomic_write_text,
     inside_folder,
     read_header,
+    read_json_object,
     read_tensor,
     weight_files,
     write_weights,
@@ -42,27 +43,12 @@ from .safetensors_io import (
 TOKENIZER_EXTRA = ("vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A UTF-8 JSON object from `path`, or one CheckpointError naming the file and the fix."""
-    try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; a checkpoint folder needs {what}") from None
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: not UTF-8 text; save it as UTF-8 JSON") from None
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:100]}); fix or regenerate the file") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: holds a JSON {type(raw).__name__}; it must be a JSON object")
-    return raw
-
-
 def read_config(folder: Path) -> tuple[dict[str, Any], ModelConfig]:
     """config.json as raw dict and as a ModelConfig whose types and ranges are checked (validate())."""
     path = folder / CONFIG_FILE
     if not os.path.lexists(path):
         raise CheckpointError(f"{path}: missing; a checkpoint folder needs config.json (Hugging Face layout)")
-    raw = read_json_object(inside_folder(folder, path), "config.json")
+    raw = read_json_object(inside_folder(folder, path), "a checkpoint folder needs config.json")
     try:
         cfg = ModelConfig.from_dict(raw)
         cfg.validate()
@@ -78,7 +64,7 @@ def check_generation_config(folder: Path, cfg: ModelConfig) -> None:
     path = folder / GENERATION_CONFIG_FILE
     if not os.path.lexists(path):
         return
-    gen = read_json_object(inside_folder(folder, path), GENERATION_CONFIG_FILE)
+    gen = read_json_object(inside_folder(folder, path), f"put {GENERATION_CONFIG_FILE} back or remove it")
     try:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
             value = gen.get(key)

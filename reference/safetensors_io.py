@@ -100,10 +100,7 @@ def weight_files(folder: Path) -> list[Path]:
     index = folder / INDEX_FILE
     if os.path.lexists(index):
         index = inside_folder(folder, index)
-        try:
-            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError):
-            raise CheckpointError(f"{folder / INDEX_FILE}: not a valid safetensors index (needs a 'weight_map' object); {REWRITE}") from None
+        weight_map = read_json_object(index, REWRITE).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{folder / INDEX_FILE}: 'weight_map' must map tensor names to file names; {REWRITE}")
         names = sorted(set(weight_map.values()))
@@ -132,6 +129,24 @@ def weight_files(folder: Path) -> list[Path]:
             "trust (safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors'))"
         )
     raise CheckpointError(f"{folder}: no model.safetensors (or shards with {INDEX_FILE}); put the weights in the folder")
+
+
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """A UTF-8 JSON object from `path`, or one CheckpointError naming the file and the fix (`missing`
+    is what to say when there is no such file)."""
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; {missing}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e}); check the file and its permissions") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text; save it as UTF-8 JSON") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:100]}); fix or regenerate the file") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(raw).__name__}; it must be a JSON object")
+    return raw
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -297,6 +312,6 @@ def write_weights(folder: Path, specs: list[Spec], produce: Callable[[str], torc
 
 __all__ = [
     "CheckpointError", "TensorInfo", "DTYPES", "DTYPE_NAMES", "FLOATS", "INTEGERS", "SINGLE_FILE", "INDEX_FILE",
-    "inside_folder", "allowed_root", "weight_files", "read_header", "read_tensor",
+    "inside_folder", "allowed_root", "read_json_object", "weight_files", "read_header", "read_tensor",
     "atomic_write", "atomic_write_text", "header_bytes", "write_safetensors", "write_weights",
 ]

@@ -43,3 +43,20 @@ def tiny_artifacts(tmp_path_factory, tiny_ckpt):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(tmp_path_factory) -> Path:
+    """V 256 (K 8), d 32, 1 layer: every tensor kind in a few hundred KB, with a generation config and a
+    special_tokens_map.json; for tests that damage copies of a checkpoint many times."""
+    from reference.config import CodeConfig, tiny_config
+    from reference.factory import make_checkpoint
+    from reference.lift import random_invertible_gf2
+
+    A, b = random_invertible_gf2(8, seed=3)
+    cfg = tiny_config(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=32, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0, code=CodeConfig(bits=8, A=A, b=b))
+    folder = make_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", cfg, seed=1)
+    (folder / "special_tokens_map.json").write_text('{"eos_token": "</s>"}\n')
+    return folder

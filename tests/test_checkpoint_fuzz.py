@@ -110,20 +110,7 @@ def one_line(e: BaseException) -> None:
     assert msg and "\n" not in msg and "Traceback" not in msg, repr(msg)
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> Path:
-    from reference.config import CodeConfig, tiny_config
-    from reference.factory import make_checkpoint
-    from reference.lift import random_invertible_gf2
-
-    A, b = random_invertible_gf2(8, seed=5)
-    cfg = tiny_config(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=32, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=0, code=CodeConfig(bits=8, A=A, b=b))
-    return make_checkpoint(tmp_path_factory.mktemp("fuzz") / "ckpt", cfg, seed=2)
-
-
-def test_random_damage_is_a_load_or_one_project_error(small, tmp_path):
+def test_random_damage_is_a_load_or_one_project_error(small_ckpt, tmp_path):
     from export.build import load_reference
     from export.errors import ExportError
 
@@ -132,7 +119,7 @@ def test_random_damage_is_a_load_or_one_project_error(small, tmp_path):
     folder = tmp_path / "ckpt"
     for i in range(ITERATIONS):
         shutil.rmtree(folder, ignore_errors=True)
-        shutil.copytree(small, folder)
+        shutil.copytree(small_ckpt, folder)
         for _ in range(rng.randint(1, 2)):
             target = rng.random()
             if target < 0.5:
