@@ -110,7 +110,9 @@ class CodeConfig:
     b: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        K = int(self.bits) if _is_int(self.bits) and 1 <= self.bits <= 64 else 1  # validate() names a bad bits
+        if _is_int(self.bits):
+            self.bits = int(self.bits)  # a numpy integer would not serialise to config.json
+        K = self.bits if _is_int(self.bits) and 1 <= self.bits <= 64 else 1  # validate() names a bad bits
         self.A = np.eye(K, dtype=np.uint8) if self.A is None else _bits_array("code A", self.A)
         self.b = np.zeros(K, dtype=np.uint8) if self.b is None else _bits_array("code b", self.b)
 

@@ -271,3 +271,19 @@ def test_cli_refuses_invalid_key_map_regex(small_ckpt, tmp_path):
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "map.json" in errors[0] and "a(b" in errors[0], res.stderr
     assert not out.exists()
+
+
+def test_hub_cache_layout_links_into_blobs_are_inside(small_ckpt, tmp_path):
+    """huggingface_hub's cache: snapshots/REV/FILE -> ../../blobs/HASH; the repository folder is the root."""
+    repo = tmp_path / "models--org--tiny"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for i, p in enumerate(sorted(small_ckpt.iterdir())):
+        shutil.copy(p, blobs / f"h{i}")
+        os.symlink(f"../../blobs/h{i}", snap / p.name)
+    cfg, _ = load_checkpoint(snap)
+    assert cfg.vocab_size == 256
+    os.symlink(outside_file(repo), snap / "tokenizer.json")  # beside the repository folder: outside
+    with pytest.raises(CheckpointError, match="outside"):
+        load_checkpoint(snap)
