@@ -79,14 +79,14 @@ def check_generation_config(folder: Path, cfg: ModelConfig) -> None:
         if gen.get("temperature") is not None:
             check_real("temperature", gen["temperature"], positive=False, nonzero=False)
             if gen["temperature"] < 0:
-                raise ConfigError(f"temperature = {gen['temperature']} must be >= 0")
+                raise ConfigError(f"temperature = {gen['temperature']} must be >= 0; fix config.json")
         if gen.get("top_p") is not None:
             check_real("top_p", gen["top_p"])
             if gen["top_p"] > 1:
-                raise ConfigError(f"top_p = {gen['top_p']} must be in (0, 1]")
+                raise ConfigError(f"top_p = {gen['top_p']} must be in (0, 1]; fix config.json")
         if "do_sample" in gen and not isinstance(gen["do_sample"], bool):
-            raise ConfigError(f"do_sample = {gen['do_sample']!r} must be true or false")
-    except ConfigError as e:
+            raise ConfigError(f"do_sample = {gen['do_sample']!r} must be true or false; fix config.json")
+    except ConfigError as e:  # the shared checks say config.json: this file is the generation config
         raise CheckpointError(f"{path}: {str(e).replace('config.json', GENERATION_CONFIG_FILE)}") from None
 
 
