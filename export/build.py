@@ -7,7 +7,6 @@ is assembled in a temporary sibling of `out` and renamed into place only when th
 from __future__ import annotations
 
 import gc
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -102,17 +101,14 @@ def check_arguments(out: Path, code: str, precision: str, provider: str, opset: 
 
 
 def read_key_map(path: str | os.PathLike | dict | None) -> dict | None:
-    if path is None or isinstance(path, dict):
-        return path
+    """--key-map through the reference's one reader (reference.adapter.read_key_map), as an ExportError."""
+    from reference.adapter import read_key_map as read
+    from reference.checkpoint import CheckpointError
+
     try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ExportError(f"--key-map {path}: no such file") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"--key-map {path}: not a readable JSON object ({e})") from None
-    if not isinstance(data, dict):
-        raise ExportError(f"--key-map {path}: expected a JSON object {{\"their.tensor.name\": \"our.name\"}}")
-    return data
+        return read(path) if path is not None else None
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
 
 
 def apply_overrides(cfg, overrides: dict) -> None:

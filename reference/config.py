@@ -60,7 +60,36 @@ _ACT_ALIASES = {
 
 
 class ConfigError(ValueError):
-    """A config that cannot describe a model we can build; the message names the fix."""
+    """A config that cannot describe a model we can build; the message names the field and the fix."""
+
+
+MAX_INT = 1 << 31  # no size of a model we can build reaches it; bigger values are typos
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def check_int(name: str, value: Any, low: int = 1, high: int = MAX_INT) -> None:
+    """A JSON integer (not 65536.0, "65536" or true) in [low, high]."""
+    if not _is_int(value):
+        raise ConfigError(f"{name} = {value!r} must be an integer (e.g. {name} = {max(low, 1)}), "
+                          f"not {type(value).__name__}; fix config.json")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} = {value} must be in [{low}, {high}]; fix config.json")
+
+
+def check_real(name: str, value: Any, positive: bool = True, nonzero: bool = True) -> None:
+    """A finite JSON number; > 0 when `positive`, != 0 when `nonzero`."""
+    if not _is_real(value):
+        raise ConfigError(f"{name} = {value!r} must be a number, not {type(value).__name__}; fix config.json")
+    if not math.isfinite(value) or (positive and value <= 0) or (nonzero and value == 0):
+        need = "a finite number > 0" if positive else "a finite non-zero number" if nonzero else "a finite number"
+        raise ConfigError(f"{name} = {value} must be {need}; fix config.json")
 
 
 def code_width(vocab_size: int) -> int:
@@ -81,12 +110,15 @@ class CodeConfig:
     b: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        K = int(self.bits)
-        self.bits = K
-        self.A = np.eye(K, dtype=np.uint8) if self.A is None else np.asarray(self.A).astype(np.uint8)
-        self.b = np.zeros(K, dtype=np.uint8) if self.b is None else np.asarray(self.b).astype(np.uint8)
+        if _is_int(self.bits):
+            self.bits = int(self.bits)  # a numpy integer would not serialise to config.json
+        K = self.bits if _is_int(self.bits) and 1 <= self.bits <= 64 else 1  # validate() names a bad bits
+        self.A = np.eye(K, dtype=np.uint8) if self.A is None else _bits_array("code A", self.A)
+        self.b = np.zeros(K, dtype=np.uint8) if self.b is None else _bits_array("code b", self.b)
 
     def validate(self) -> None:
+        check_int("code.bits", self.bits, 1, 64)
+        check_real("code.scale", self.scale, positive=False)
         for name, value, allowed in (
             ("bit_order", self.bit_order, BIT_ORDERS),
             ("values", self.values, VALUE_MAPS),
@@ -120,6 +152,18 @@ class CodeConfig:
             d["A"] = self.A.astype(int).tolist()
             d["b"] = self.b.astype(int).tolist()
         return d
+
+
+def _bits_array(name: str, value: Any) -> np.ndarray:
+    """A or b from config.json or the weights: integers 0/1 only (a ragged list or 0.5 is refused)."""
+    try:
+        arr = np.asarray(value)
+    except ValueError:
+        raise ConfigError(f"{name} is not a rectangular array of 0/1; fix config.json") from None
+    if arr.dtype == object or not (arr.dtype == bool or np.issubdtype(arr.dtype, np.integer)) or arr.size and (
+            arr.min() < 0 or arr.max() > 1):
+        raise ConfigError(f"{name} must hold only the integers 0 and 1 (it is over GF(2)); fix config.json")
+    return arr.astype(np.uint8)
 
 
 def gf2_rank(A: np.ndarray) -> int:
@@ -175,28 +219,40 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
-        """Refuse configs that no model could follow, before any weight is read."""
-        if self.vocab_size < 2:
-            raise ConfigError(f"vocab_size = {self.vocab_size} is too small")
+        """Refuse configs that no model could follow, before any weight is read: types, then ranges."""
+        check_int("vocab_size", self.vocab_size, 2)
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            check_int(name, getattr(self, name))
+        check_int("max_position_embeddings", self.max_position_embeddings, 1, 1 << 24)
+        check_real("rope_theta", self.rope_theta)
+        check_real("layer_norm_eps", self.layer_norm_eps)
+        for name in ("attention_bias", "mlp_bias", "norm_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} = {getattr(self, name)!r} must be true or false; fix config.json")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            for tid in value if isinstance(value, list) and name == "eos_token_id" else [value]:
+                if tid is not None:
+                    check_int(name, tid, 0, self.vocab_size - 1)
+        self.code.validate()
         need = code_width(self.vocab_size)
         if self.code.bits < need:
-            raise ConfigError(f"code.bits = {self.code.bits} cannot name {self.vocab_size} tokens; need >= {need}")
+            raise ConfigError(f"code.bits = {self.code.bits} cannot name {self.vocab_size} tokens; need >= {need}; fix config.json")
         if self.hidden_size % self.code.bits:
             raise ConfigError(
-                f"hidden_size {self.hidden_size} is not a multiple of code.bits {self.code.bits}; the code cannot tile it"
+                f"hidden_size {self.hidden_size} is not a multiple of code.bits {self.code.bits}; the code cannot tile it; fix config.json"
             )
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}; fix config.json")
         if self.head_size % 2:
-            raise ConfigError(f"head size {self.head_size} is odd; rotary embeddings need an even head size")
+            raise ConfigError(f"head size {self.head_size} is odd; rotary embeddings need an even head size; fix config.json")
         for name, value, allowed in (
             ("hidden_act", self.hidden_act, ACTIVATIONS),
             ("norm_type", self.norm_type, NORM_TYPES),
             ("rope_pairing", self.rope_pairing, ROPE_PAIRINGS),
         ):
             if value not in allowed:
-                raise ConfigError(f"{name} = {value!r} is not one of {allowed}")
-        self.code.validate()
+                raise ConfigError(f"{name} = {value!r} is not one of {allowed}; fix config.json")
 
     # -- config.json --------------------------------------------------------------------------
     def to_dict(self, with_matrix: bool = False) -> dict[str, Any]:
@@ -212,14 +268,17 @@ class ModelConfig:
         for key, value in raw.items():  # our own spelling wins over an alias
             if key in CONFIG_ALIASES:
                 d.setdefault(CONFIG_ALIASES[key], value)
-        code_raw = dict(d.pop("code", None) or {})
+        code_raw = d.pop("code", None) or {}
+        if not isinstance(code_raw, dict):
+            raise ConfigError(f"code = {code_raw!r} must be an object (bits, bit_order, values, tiling, scale); fix config.json")
+        code_raw = dict(code_raw)
         for k in ("A", "b"):  # some foreign configs hold the recoding at the top level
             for cand in (k, f"code_{k}", f"affine_{k}"):
                 if cand in raw and k not in code_raw:
                     code_raw[k] = raw[cand]
         code_fields = {f.name for f in fields(CodeConfig)}
         code_kwargs = {k: v for k, v in code_raw.items() if k in code_fields}
-        if "bits" not in code_kwargs and "vocab_size" in d:
+        if "bits" not in code_kwargs and _is_int(d.get("vocab_size")) and d["vocab_size"] >= 2:
             code_kwargs["bits"] = code_width(int(d["vocab_size"]))
         known = {f.name for f in fields(cls)} - {"code"}
         kwargs = {k: v for k, v in d.items() if k in known}

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -28,7 +26,9 @@ import torch
 
 from runtime.interface import CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILES
 
-from .checkpoint import CheckpointError, _DTYPE_NAMES, _atomic_write_text, canonical_shapes, write_weights
+from .adapter import canonical_shapes
+from .checkpoint import generation_config
+from .safetensors_io import DTYPE_NAMES, CheckpointError, atomic_write, atomic_write_text, write_weights
 from .config import CodeConfig, ModelConfig, full_config, tiny_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -58,16 +58,6 @@ def random_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int
     return t.normal_(0.0, 0.5 / math.sqrt(shape[1]), generator=g)
 
 
-def generation_config(cfg: ModelConfig) -> dict:
-    return {
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
-        "max_length": cfg.max_position_embeddings,
-        "do_sample": False,
-    }
-
-
 def make_checkpoint(folder: str | Path, cfg: ModelConfig, seed: int = 0, dtype: str = "float32",
                     shard_size_bytes: int | None = None, tokenizer_dir: str | Path | None = None) -> Path:
     """Write a complete checkpoint folder (config, weights, generation config, tokenizer) and return it."""
@@ -80,7 +70,7 @@ def make_checkpoint(folder: str | Path, cfg: ModelConfig, seed: int = 0, dtype: 
     folder.mkdir(parents=True, exist_ok=True)
     shapes = canonical_shapes(cfg)
     torch_dtype = DTYPES[dtype]
-    specs = [(n, "U8" if n.startswith("code.") else _DTYPE_NAMES[torch_dtype], s) for n, s in shapes.items()]
+    specs = [(n, "U8" if n.startswith("code.") else DTYPE_NAMES[torch_dtype], s) for n, s in shapes.items()]
 
     def produce(name: str) -> torch.Tensor:
         t = random_tensor(cfg, name, shapes[name], seed)
@@ -88,16 +78,14 @@ def make_checkpoint(folder: str | Path, cfg: ModelConfig, seed: int = 0, dtype: 
 
     config = cfg.to_dict()
     config["torch_dtype"] = dtype
-    _atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     write_weights(folder, specs, produce, shard_size_bytes)
-    _atomic_write_text(folder / GENERATION_CONFIG_FILE, json.dumps(generation_config(cfg), indent=2) + "\n")
+    atomic_write_text(folder / GENERATION_CONFIG_FILE, json.dumps(generation_config(cfg), indent=2) + "\n")
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
             if src.is_file():
-                tmp = folder / f".{name}.tmp"
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, folder / name)
+                atomic_write(folder / name, lambda f, src=src: f.write(src.read_bytes()))
     return folder
 
 

@@ -5,6 +5,12 @@ surrogate block 0xD800-0xDFFF and then the private-use block from 0xE100. Only t
 differs between tokenizers, so `build_tokenizer(ngrams)` holds the layout once and two builders feed
 it: `build_bvv241` (the author's n-gram file) and `build_corpus_tokenizer` (a corpus's own n-grams,
 for the demo model). No torch here: the runtime and tools use this without the exporter's stack.
+
+The bvv241-2-3 tokenizer is committed, built once by `build_bvv241` (`BVV241_DIR`, read with
+`load_bvv241()`): the n-gram file it comes from is data outside the repository (TABLEFREE_DATA,
+reference/data.py), and a clone must be able to test itself without it. The one test that
+rebuilds it from the n-gram file and compares is in tests/test_tokenizer.py. To rebuild it:
+`TABLEFREE_DATA=DIR python -c "from reference.tokenizer import *; save_tokenizer(build_bvv241(), BVV241_DIR)"`.
 """
 from __future__ import annotations
 
@@ -38,7 +44,8 @@ BVV241_LANGS = (
     "en ru fr de zh he it es ar pt ko hu sa la ja el sv nl pl vi fa no tr fi cs hy da bn az ka hi id".split()
 )
 BVV241_PER_LIST = 338
-BVV241_FILE = "bvv241/ngrams-2-3.txt"
+BVV241_FILE = "bvv241/ngrams-2-3.txt"  # relative to the data folder (TABLEFREE_DATA)
+BVV241_DIR = Path(__file__).resolve().parent / "bvv241"  # the committed tokenizer files
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
@@ -101,8 +108,13 @@ def load_bvv241_ngrams(ngrams_path: str | Path | None = None) -> list[str]:
 
 
 def build_bvv241(ngrams_path: str | Path | None = None) -> Tokenizer:
-    """bvv241-2-3, the seed checkpoints' tokenizer, from ../shared/data/bvv241/ngrams-2-3.txt."""
+    """bvv241-2-3, the seed checkpoints' tokenizer, rebuilt from the n-gram file (TABLEFREE_DATA)."""
     return build_tokenizer(load_bvv241_ngrams(ngrams_path))
+
+
+def load_bvv241() -> Tokenizer:
+    """The committed bvv241-2-3 tokenizer (no data folder needed)."""
+    return load_tokenizer(BVV241_DIR)
 
 
 def corpus_ngrams(text: str, n2: int = 1024, n3: int = 2048, min_count: int = 2) -> list[str]:
@@ -182,7 +194,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
 
 
 __all__ = [
-    "build_tokenizer", "build_bvv241", "build_corpus_tokenizer", "corpus_ngrams", "load_bvv241_ngrams",
+    "build_tokenizer", "build_bvv241", "load_bvv241", "BVV241_DIR", "build_corpus_tokenizer", "corpus_ngrams", "load_bvv241_ngrams",
     "save_tokenizer", "load_tokenizer", "encode", "decode", "unknown_chars", "is_code_point_token",
     "VOCAB_SIZE", "SPECIAL_TOKENS", "PAD_ID", "BOS_ID", "EOS_ID", "UNK_ID",
 ]

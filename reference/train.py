@@ -1,6 +1,9 @@
 """Train the embedded demo model: a small table-free LM of the seed's family on tiny Shakespeare.
 
-    python -m reference.train --out models/shakespeare
+    TABLEFREE_DATA=DIR python -m reference.train --out models/shakespeare
+
+The corpus is DIR/tinyshakespeare.txt (not part of the repository; reference/data.py), or any
+UTF-8 text given with --corpus FILE.
 
 Reproducible from --seed on the same machine and torch build (same data order, same init, same
 A and b). The model is `reference.model.TableFreeLM` with V = 65,536 (K = 16 as in the seed), a
@@ -32,7 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import CodeConfig, ModelConfig
+from .checkpoint import load_model, save_checkpoint
 from .data import DEMO_MODEL_DIR, MissingDataError, shared_data_file
+from .generate import generate
 from .lift import random_invertible_gf2
 from .model import TableFreeLM
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, build_corpus_tokenizer, save_tokenizer
@@ -117,72 +122,19 @@ class GroupedHead(nn.Module):
 
 
 def write_checkpoint(folder: Path, cfg: ModelConfig, model: TableFreeLM, tok, extra_config: dict) -> None:
-    """config.json, model.safetensors (fp16 floats, uint8 code), generation_config.json, tokenizer files."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().contiguous()
-        tensors[k] = v.to(torch.float16) if v.is_floating_point() else v.to(torch.uint8)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(folder / "model.safetensors", 0o644)  # safetensors writes 0600
-    config = cfg.to_dict()
-    config.update(extra_config)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    gen = {
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
-        "max_length": cfg.max_position_embeddings,
-        "do_sample": False,
-    }
-    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    """config.json, model.safetensors (fp16 floats, uint8 code), generation_config.json, tokenizer files,
+    through the reference's own writer (reference.checkpoint.save_checkpoint)."""
+    state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v.detach().to(torch.uint8)
+             for k, v in model.state_dict().items()}
+    save_checkpoint(folder, cfg, state, extra_config=extra_config, with_generation_config=True)
     save_tokenizer(tok, folder, model_max_length=cfg.max_position_embeddings)
-
-
-def load_saved(folder: Path) -> TableFreeLM:
-    """The saved folder back as an fp32 model (what users get), independent of reference.checkpoint."""
-    from safetensors.torch import load_file
-
-    cfg = ModelConfig.from_file(folder / "config.json")
-    sd = load_file(str(folder / "model.safetensors"))
-    cfg.code.A, cfg.code.b = sd["code.A"].numpy(), sd["code.b"].numpy()
-    model = TableFreeLM(cfg)
-    model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()})
-    return model.eval()
-
-
-@torch.no_grad()
-def sample(model: TableFreeLM, ids: list[int], n: int, temperature: float = 0.0, top_k: int = 0,
-           seed: int = 0) -> list[int]:
-    """A minimal KV-cache generation loop for the model card (greedy when temperature is 0)."""
-    g = torch.Generator().manual_seed(seed)
-    out = list(ids)
-    logits, past = model(torch.tensor([ids]))
-    ctx = model.cfg.max_position_embeddings
-    for _ in range(n):
-        last = logits[0, -1]
-        if temperature <= 0:
-            nxt = int(last.argmax())
-        else:
-            last = last / temperature
-            if top_k:
-                kth = torch.topk(last, top_k).values[-1]
-                last = last.masked_fill(last < kth, float("-inf"))
-            nxt = int(torch.multinomial(torch.softmax(last, -1), 1, generator=g))
-        out.append(nxt)
-        if len(out) >= ctx:
-            break
-        P = past[0][0].shape[2]
-        logits, past = model(torch.tensor([[nxt]]), torch.ones(1, P + 1, dtype=torch.int64),
-                             torch.tensor([[P]]), past)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m reference.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEMO_MODEL_DIR, help="checkpoint folder to write (replaced atomically)")
+    ap.add_argument("--corpus", type=Path, default=None,
+                    help=f"UTF-8 training text (default: {CORPUS} in the TABLEFREE_DATA folder)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--hidden", type=int, default=128, help="width d (a multiple of 16)")
     ap.add_argument("--layers", type=int, default=4)
@@ -214,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     try:
-        text = shared_data_file(CORPUS).read_text(encoding="utf-8")
-    except MissingDataError as e:
+        text = (args.corpus or shared_data_file(CORPUS)).read_text(encoding="utf-8")
+    except (MissingDataError, OSError, UnicodeDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     train_text, held_text = split_corpus(text)
@@ -329,15 +281,15 @@ def main(argv: list[str] | None = None) -> int:
             "command": command.strip(), "seed": args.seed, "steps": stopped_early or steps,
             "batch": args.batch, "context": T, "lr": args.lr, "train_minutes": round(train_s / 60, 1)}}
         write_checkpoint(tmp, cfg, model, tok, extra)
-        saved = load_saved(tmp)  # measure what is committed: fp16 weights, full softmax
+        saved = load_model(tmp)  # measure what is committed: fp16 weights, full softmax
         ppl = heldout_perplexity(saved, held_ids, T)
         uni = unigram_perplexity(train_ids, held_ids, V)
         print(f"held-out perplexity (per token): {ppl:.2f}; unigram add-one baseline: {uni:.2f}; "
               f"ratio {ppl / uni:.3f} ({'meets' if ppl <= uni / 2 else 'MISSES'} the <= 1/2 bar)")
         prompt = tok.encode("ROMEO:").ids
-        greedy = tok.decode(sample(saved, prompt, 200), skip_special_tokens=False)
-        sampled = tok.decode(sample(saved, prompt, 200, temperature=0.8, top_k=50, seed=args.seed),
-                             skip_special_tokens=False)
+        greedy = tok.decode(prompt + generate(saved, prompt, 200), skip_special_tokens=False)
+        sampled = tok.decode(prompt + generate(saved, prompt, 200, do_sample=True, temperature=0.8, top_k=50,
+                                               seed=args.seed), skip_special_tokens=False)
         results = {"heldout_perplexity": round(ppl, 3), "unigram_perplexity": round(uni, 3),
                    "train_tokens": len(train_ids), "heldout_tokens": len(held_ids),
                    "train_minutes": round(train_s / 60, 1), "steps": stopped_early or steps,

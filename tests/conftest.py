@@ -1,25 +1,18 @@
-"""Shared fixtures: tiny checkpoints and the bvv241 tokenizer, built once per test session."""
+"""Shared fixtures: the committed bvv241 tokenizer and tiny checkpoints built from it once per session."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from reference.data import MissingDataError
 
 
 @pytest.fixture(scope="session")
-def bvv241_dir(tmp_path_factory) -> Path:
-    """A folder with the bvv241-2-3 tokenizer files (SPEC 4), built from ../shared/data."""
-    from reference.tokenizer import build_bvv241, save_tokenizer
+def bvv241_dir() -> Path:
+    """The committed bvv241-2-3 tokenizer files (SPEC 4); read-only, copy before writing next to them."""
+    from reference.tokenizer import BVV241_DIR
 
-    try:
-        tok = build_bvv241()
-    except MissingDataError as e:
-        pytest.skip(str(e))
-    folder = tmp_path_factory.mktemp("bvv241")
-    save_tokenizer(tok, folder)
-    return folder
+    return BVV241_DIR
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +43,20 @@ def tiny_artifacts(tmp_path_factory, tiny_ckpt):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(tmp_path_factory) -> Path:
+    """V 256 (K 8), d 32, 1 layer: every tensor kind in a few hundred KB, with a generation config and a
+    special_tokens_map.json; for tests that damage copies of a checkpoint many times."""
+    from reference.config import CodeConfig, tiny_config
+    from reference.factory import make_checkpoint
+    from reference.lift import random_invertible_gf2
+
+    A, b = random_invertible_gf2(8, seed=3)
+    cfg = tiny_config(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=32, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0, code=CodeConfig(bits=8, A=A, b=b))
+    folder = make_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", cfg, seed=1)
+    (folder / "special_tokens_map.json").write_text('{"eos_token": "</s>"}\n')
+    return folder

@@ -39,16 +39,31 @@ def covered(cp: int) -> bool:
     return cp <= 0xD7FF or 0xF900 <= cp <= 0xFFFE
 
 
-@pytest.fixture(scope="module")
-def spec_ngrams() -> list[str]:
-    """The n-gram order of SPEC 4, derived here independently of reference.tokenizer."""
+def raw_ngrams_file():
+    """The raw n-gram list (not in the repository); only the rebuild test needs it (set TABLEFREE_DATA)."""
     try:
-        path = shared_data_file("bvv241/ngrams-2-3.txt")
+        return shared_data_file("bvv241/ngrams-2-3.txt")
     except MissingDataError as e:
         pytest.skip(str(e))
+
+
+def spec_ngrams_from(path) -> list[str]:
+    """The n-gram order of SPEC 4, derived here from the raw file independently of reference.tokenizer."""
     data = {d["lang"]: d for d in ast.literal_eval(path.read_text(encoding="utf-8"))}
     grams = {g for lang in LANGS for n in (2, 3) for g, _ in data[lang]["top_ngrams"][n][:338]}
     return sorted(grams, key=lambda s: (-len(s), s))
+
+
+def ngram_ids() -> list[int]:
+    return list(range(0xD800, 0xE000)) + list(range(0xE100, 0xF900))
+
+
+@pytest.fixture(scope="module")
+def spec_ngrams(tok) -> list[str]:
+    """The committed tokenizer's n-grams in id order (the layout itself is checked below)."""
+    vocab_by_id = {i: s for s, i in tok.get_vocab().items()}
+    grams = [vocab_by_id[i] for i in ngram_ids()]
+    return [g for g in grams if not g.startswith("<unused_")]
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +92,10 @@ def test_spec_test_vector(tok):
 
 
 def test_vocab_layout_and_merge_count(tok, bvv241_dir, spec_ngrams):
+    # 32 languages x (2, 3) x 338 = 21,632 listed n-grams, 8,177 distinct (counted from the raw file
+    # by the rebuild test's derivation), each of >= 2 code points, sorted as SPEC 4 says
+    assert len(spec_ngrams) == len(set(spec_ngrams)) == 8177 and all(len(g) >= 2 for g in spec_ngrams)
+    assert spec_ngrams == sorted(spec_ngrams, key=lambda s: (-len(s), s))
     assert tok.get_vocab_size() == 65536
     model = json.loads((bvv241_dir / "tokenizer.json").read_text())["model"]
     assert model["type"] == "BPE" and model["unk_token"] == "<unk>"
@@ -150,6 +169,21 @@ def test_save_load_round_trip(tok, tmp_path):
     for text in MULTILINGUAL:
         assert again.encode(text).ids == tok.encode(text).ids
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_committed_tokenizer_is_the_rebuild_from_the_ngram_file(tmp_path):
+    """The one test that needs the raw n-gram file: rebuild bvv241 and compare with the committed files."""
+    path = raw_ngrams_file()
+    from reference.tokenizer import BVV241_DIR
+
+    committed = load_tokenizer(BVV241_DIR)
+    vocab_by_id = {i: s for s, i in committed.get_vocab().items()}
+    derived = spec_ngrams_from(path)
+    assert len(derived) == 8177
+    assert [vocab_by_id[i] for i in ngram_ids()[:len(derived)]] == derived
+    save_tokenizer(build_bvv241(path), tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / name).read_bytes() == (BVV241_DIR / name).read_bytes(), name
 
 
 def test_missing_data_names_the_file(monkeypatch, tmp_path):
