@@ -1,11 +1,11 @@
 // Drives the page of `python -m runtime web` in headless Chromium (Debian's `chromium`, through
 // puppeteer-core: no browser download), one greedy generation per prompt, and optionally saves a
 // screenshot after the last one.
-// usage: node web_page.mjs URL GRAPH MAX_NEW_TOKENS SCREENSHOT_PNG|- PROMPT [PROMPT...]
-// prints one JSON line: a list of the page's window.lastResult, one per prompt
+// usage: node web_page.mjs URL GRAPH[,GRAPH...] MAX_NEW_TOKENS SCREENSHOT_PNG|- PROMPT [PROMPT...]
+// prints one JSON line: a list of the page's window.lastResult, one per graph and prompt
 import puppeteer from 'puppeteer-core';
 
-const [url, graph, maxNew, shot, ...prompts] = process.argv.slice(2);
+const [url, graphs, maxNew, shot, ...prompts] = process.argv.slice(2);
 const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
 const browser = await puppeteer.launch({
   executablePath,
@@ -25,8 +25,8 @@ try {
   if (await page.evaluate(() => document.body.dataset.state) === 'error') {
     throw new Error(`the page failed to load: ${await page.$eval('#status', (e) => e.textContent)}\n${logs.join('\n')}`);
   }
-  await page.select('#graph', graph);
-  for (const prompt of prompts) {
+  for (const graph of graphs.split(',')) for (const prompt of prompts) {
+    await page.select('#graph', graph);
     await page.$eval('#prompt', (e, v) => { e.value = v; }, prompt);
     await page.$eval('#max', (e, v) => { e.value = v; }, maxNew);
     await page.click('input[name=mode][value=greedy]');
