@@ -43,3 +43,16 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The JavaScript front ends' tools (tests/test_frontend_js.py, tests/test_web.py, `python -m runtime
+# web`): Node with npm and Debian's chromium from apt when missing, then the npm packages pinned by
+# tests/js/package-lock.json. ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's postinstall would
+# fetch GPU binaries from a host we cannot reach (the CPU binary ships in the package);
+# PUPPETEER_SKIP_DOWNLOAD: puppeteer-core drives the system chromium and downloads no browser.
+APT_JS := $(if $(shell command -v node),,nodejs) $(if $(shell command -v npm),,npm) $(if $(shell command -v chromium),,chromium)
+.PHONY: setup-js
+setup-js:
+	@if [ -n "$(strip $(APT_JS))" ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends $(APT_JS); fi
+	cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund
