@@ -131,3 +131,21 @@ def test_page_in_headless_chromium_streams_the_runtime_tokens(browser_env, mode)
         assert r["prompt_ids"] == prompt_ids(mode)[k % len(PROMPTS)]
         assert r["ids"] == want[k % len(PROMPTS)], f"{mode} {graph} {prompt!r}: the page's tokens differ from the runtime's"
         assert r["text"] == decode(r["ids"])  # the streamed text
+
+
+def test_page_samples_reproducibly_and_top_k_1_is_greedy(browser_env):
+    folder = demo_artifact("arith")
+    want = runtime_ids("arith")[0][:20]
+    proc, url = _serve(folder)
+    try:
+        both = "model.kv.onnx,model.onnx"
+        top1 = node("web_page.mjs", "--sample=1.0,1,3", url, both, "20", "-", PROMPTS[0], env=browser_env)
+        seed5 = node("web_page.mjs", "--sample=0.8,50,5", url, both, "20", "-", PROMPTS[0], env=browser_env)
+        seed6 = node("web_page.mjs", "--sample=0.8,50,6", url, "model.kv.onnx", "20", "-", PROMPTS[0], env=browser_env)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert all(not r["greedy"] and "error" not in r for r in top1 + seed5 + seed6)
+    assert [r["ids"] for r in top1] == [want, want], "top-k 1 keeps only the argmax: sampling must equal greedy"
+    assert seed5[0]["ids"] == seed5[1]["ids"], "one seed, same logits on both graphs: the same draws"
+    assert seed5[0]["ids"] != seed6[0]["ids"] and seed5[0]["ids"] != want, "another seed should draw other tokens"

@@ -1,11 +1,14 @@
 // Drives the page of `python -m runtime web` in headless Chromium (Debian's `chromium`, through
 // puppeteer-core: no browser download), one greedy generation per prompt, and optionally saves a
 // screenshot after the last one.
-// usage: node web_page.mjs URL GRAPH[,GRAPH...] MAX_NEW_TOKENS SCREENSHOT_PNG|- PROMPT [PROMPT...]
+// usage: node web_page.mjs [--sample=T,K,SEED] URL GRAPH[,GRAPH...] MAX_NEW_TOKENS SCREENSHOT_PNG|- PROMPT [PROMPT...]
+// (greedy unless --sample gives temperature, top-k and seed)
 // prints one JSON line: a list of the page's window.lastResult, one per graph and prompt
 import puppeteer from 'puppeteer-core';
 
-const [url, graphs, maxNew, shot, ...prompts] = process.argv.slice(2);
+const argv = process.argv.slice(2);
+const sample = argv[0]?.startsWith('--sample=') ? argv.shift().slice('--sample='.length).split(',') : null;
+const [url, graphs, maxNew, shot, ...prompts] = argv;
 const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
 const browser = await puppeteer.launch({
   executablePath,
@@ -29,7 +32,12 @@ try {
     await page.select('#graph', graph);
     await page.$eval('#prompt', (e, v) => { e.value = v; }, prompt);
     await page.$eval('#max', (e, v) => { e.value = v; }, maxNew);
-    await page.click('input[name=mode][value=greedy]');
+    await page.click(`input[name=mode][value=${sample ? 'sample' : 'greedy'}]`);
+    if (sample) {
+      for (const [id, v] of [['temperature', sample[0]], ['topk', sample[1]], ['seed', sample[2]]]) {
+        await page.$eval(`#${id}`, (e, x) => { e.value = x; }, v);
+      }
+    }
     await page.click('#go');
     await page.waitForFunction(() => document.body.dataset.state === 'done', { timeout: 120000 });
     results.push(await page.evaluate(() => window.lastResult));
