@@ -6,6 +6,7 @@ they skip without it and fail where CI is set; the server tests need nothing.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import urllib.error
@@ -63,6 +64,8 @@ def test_server_serves_the_page_the_artifact_and_nothing_else(fake_model, fake_o
         assert headers["Cross-Origin-Embedder-Policy"] == "require-corp"  # threaded WASM needs isolation
         status, headers, body = _get(base + "/model/model.onnx")
         assert (status, body) == (200, b"onnx")
+        status, _, body = _get(base + "/artifact.json")
+        assert json.loads(body) == {"name": "model", "graphs": ["model.onnx"], "data_file": "model.onnx.data"}
         assert _get(base + "/ort/ort-wasm-simd-threaded.wasm")[1]["Content-Type"] == "application/wasm"
         for path in ("/model/../secret.txt", "/model/%2e%2e/secret.txt", "/model/model.onnx.data", "/jsfront.py",
                      "/ort/../model/model.onnx/../../secret.txt"):

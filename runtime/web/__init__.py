@@ -53,24 +53,30 @@ def _check_model(model: Path) -> dict:
 class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "tablefree-web"
 
-    def __init__(self, *args, routes: dict[str, Path], **kw):
+    def __init__(self, *args, routes: dict[str, Path | bytes], **kw):
         self.routes = routes
         super().__init__(*args, **kw)
 
-    def _send(self, path: Path | None, head: bool = False) -> None:
-        if path is None or not path.is_file():
+    def _send(self, path: Path | bytes | None, head: bool = False) -> None:
+        if isinstance(path, bytes):  # generated JSON
+            body, kind = path, "application/json"
+        elif path is None or not path.is_file():
             self.send_error(404)
             return
-        size = path.stat().st_size
+        else:
+            body, kind = None, TYPES.get(path.suffix, "application/octet-stream")
         self.send_response(200)
-        self.send_header("Content-Type", TYPES.get(path.suffix, "application/octet-stream"))
-        self.send_header("Content-Length", str(size))
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body) if body is not None else path.stat().st_size))
         self.send_header("Cache-Control", "no-cache")
         # cross-origin isolation: SharedArrayBuffer, so onnxruntime-web runs its WASM threads
         self.send_header("Cross-Origin-Opener-Policy", "same-origin")
         self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
         self.end_headers()
         if head:
+            return
+        if body is not None:
+            self.wfile.write(body)
             return
         with path.open("rb") as f:
             while chunk := f.read(1 << 20):
@@ -94,7 +100,10 @@ def make_server(model: str | Path, host: str = "127.0.0.1", port: int = 8000,
     model = Path(model)
     _check_model(model)
     ort = find_ort_dir(ort_dir)
-    routes = {"/": PAGE_DIR / "index.html"}
+    # what the page needs to know of the folder: the graphs it has and the weights file they name
+    graphs = [g for g in (KV_MODEL_FILE, MODEL_FILE) if (model / g).is_file()]
+    about = {"name": model.resolve().name, "graphs": graphs, "data_file": DATA_FILE}
+    routes: dict[str, Path | bytes] = {"/": PAGE_DIR / "index.html", "/artifact.json": json.dumps(about).encode()}
     routes.update({f"/{f}": PAGE_DIR / f for f in PAGE_FILES})
     routes.update({f"/model/{f}": model / f for f in ARTIFACT_FILES if (model / f).is_file()})
     routes.update({f"/ort/{f}": ort / f for f in ORT_FILES})

@@ -13,14 +13,15 @@ ort.env.wasm.wasmPaths = '/ort/';
 ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
 
 const generators = {};
-let config, tokenizer, stopRequested = false;
+let config, tokenizer, about, stopRequested = false;
 
-async function generator(graph) { // one session per graph, opened on first use
+async function generator(graph) { // one session at a time: the weights of a large model fill WASM memory
   if (!generators[graph]) {
+    for (const [other, gen] of Object.entries(generators)) { await gen.session.release(); delete generators[other]; }
     status(`loading ${graph}…`);
     const session = await ort.InferenceSession.create(`/model/${graph}`, {
       executionProviders: ['wasm'],
-      externalData: [{ path: 'model.onnx.data', data: '/model/model.onnx.data' }],
+      externalData: [{ path: about.data_file, data: `/model/${about.data_file}` }],
     });
     generators[graph] = new Generator(ort, session, config);
   }
@@ -69,17 +70,17 @@ async function run() {
 
 async function main() {
   try {
-    [config, tokenizer] = await Promise.all([
+    [about, config, tokenizer] = await Promise.all([
+      fetchJSON('/artifact.json'),
       fetchJSON('/model/config.json'),
       fetchJSON('/model/tokenizer.json').then((j) => new BPETokenizer(j)),
     ]);
     const manifest = await fetchJSON('/model/manifest.json').catch(() => ({}));
-    const graphs = ['model.kv.onnx', 'model.onnx'];
-    const present = await Promise.all(graphs.map((f) => fetch(`/model/${f}`, { method: 'HEAD' }).then((r) => r.ok)));
-    for (const [i, f] of graphs.entries()) {
-      if (present[i]) $('graph').append(new Option(f === 'model.kv.onnx' ? 'model.kv.onnx (shared KV buffer)' : 'model.onnx (SPEC 3)', f));
+    for (const f of about.graphs) { // the shared-buffer graph first: it decodes faster
+      $('graph').append(new Option(f === 'model.onnx' ? `${f} (SPEC 3)` : `${f} (shared KV buffer)`, f));
     }
     $('model').textContent = [
+      about.name,
       `${config.num_hidden_layers} layers · d ${config.hidden_size} · V ${config.vocab_size} · context ${config.max_position_embeddings}`,
       manifest.lift && `lift ${manifest.lift.mode}`,
       manifest.precision && `${manifest.precision}`,
