@@ -54,5 +54,5 @@ APT_JS := $(if $(shell command -v node),,nodejs) $(if $(shell command -v npm),,n
 setup-js:
 	@if [ -n "$(strip $(APT_JS))" ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends $(APT_JS); fi
+		$$SUDO apt-get update && $$SUDO apt-get install -y $(APT_JS); fi
 	cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund
