@@ -163,7 +163,12 @@ export function chooseToken(logits, { temperature = 0, topK = 0, random = Math.r
  * buffer per layer of max_len positions; seqlens_k and total_sequence_length say where the new
  * tokens go, graphs/gqa.py). */
 export class Generator {
-  constructor(ort, session, config) {
+  /** shareBuffers (kv graph): bind each cache buffer as past AND preallocated present, so ORT writes
+   * the new positions in place (as runtime/model.py's _SharedCache does). onnxruntime-node 1.30
+   * does (tests/js/ort_node.mjs). With onnxruntime-web 1.30 (WASM, whose tensors live in its own
+   * heap) the tokens went wrong from the second step on, so the page leaves it off and feeds the
+   * returned presents back, which costs a copy of the cache per step. */
+  constructor(ort, session, config, { shareBuffers = false } = {}) {
     this.ort = ort;
     this.session = session;
     this.layers = config.num_hidden_layers;
@@ -174,6 +179,7 @@ export class Generator {
     const eos = config.eos_token_id;
     this.eos = eos == null ? [] : [].concat(eos);
     this.kv = session.inputNames.includes('seqlens_k');
+    this.share = this.kv && shareBuffers;
     this.hasKeep = session.inputNames.includes('logits_to_keep');
   }
 
@@ -205,18 +211,22 @@ export class Generator {
       feeds.attention_mask = this._ids(new Array(S).fill(1));
       feeds.position_ids = this._ids([...Array(S).keys()]);
     }
+    // shared: the presents are the pasts' own memory; otherwise the presents become the next pasts
+    // (on the kv graph the whole max_len buffers, their new positions written)
+    const fetches = this.share ? { logits: null } : undefined;
+    if (this.share) for (const name of Object.keys(cache)) fetches[name.replace('past_key_values.', 'present.')] = cache[name];
     for (let step = 0, P = S; ; step++, P++) {
-      const out = await this.session.run(feeds);
+      const out = await (fetches ? this.session.run(feeds, fetches) : this.session.run(feeds));
       const logits = out.logits.data, n = out.logits.dims[1];
       const last = logits.subarray((n - 1) * this.vocab, n * this.vocab);
       const token = chooseToken(last, { temperature, topK, random });
       yield token;
       if (this.eos.includes(token) || step + 1 >= maxNewTokens) return;
-      // presents become the next pasts (on the kv graph they are the whole buffers, the new
-      // positions written; where the binding shares memory nothing is copied)
-      cache = {};
-      for (let i = 0; i < this.layers; i++) {
-        for (const kind of ['key', 'value']) cache[`past_key_values.${i}.${kind}`] = out[`present.${i}.${kind}`];
+      if (!this.share) {
+        cache = {};
+        for (let i = 0; i < this.layers; i++) {
+          for (const kind of ['key', 'value']) cache[`past_key_values.${i}.${kind}`] = out[`present.${i}.${kind}`];
+        }
       }
       feeds = { input_ids: this._ids([token]), ...cache };
       if (this.kv) {

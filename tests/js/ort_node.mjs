@@ -11,7 +11,7 @@ const [dir, graph, maxNew, ...prompts] = process.argv.slice(2);
 const config = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8'));
 const tokenizer = new BPETokenizer(JSON.parse(fs.readFileSync(path.join(dir, 'tokenizer.json'), 'utf8')));
 const session = await ort.InferenceSession.create(path.join(dir, graph), { executionProviders: ['cpu'] });
-const gen = new Generator(ort, session, config);
+const gen = new Generator(ort, session, config, { shareBuffers: true }); // see Generator
 const results = [];
 for (const prompt of prompts) {
   const promptIds = tokenizer.encode(prompt);
