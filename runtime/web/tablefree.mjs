@@ -165,9 +165,10 @@ export function chooseToken(logits, { temperature = 0, topK = 0, random = Math.r
 export class Generator {
   /** shareBuffers (kv graph): bind each cache buffer as past AND preallocated present, so ORT writes
    * the new positions in place (as runtime/model.py's _SharedCache does). onnxruntime-node 1.30
-   * does (tests/js/ort_node.mjs). With onnxruntime-web 1.30 (WASM, whose tensors live in its own
-   * heap) the tokens went wrong from the second step on, so the page leaves it off and feeds the
-   * returned presents back, which costs a copy of the cache per step. */
+   * does (tests/js/ort_node.mjs). onnxruntime-web 1.30 (WASM) copies a preallocated CPU output into
+   * its heap, runs, and hands back the caller's tensor without copying the result out (its run() in
+   * ort.wasm.mjs), so the page leaves this off and feeds the returned presents back (a copy of the
+   * cache per step). */
   constructor(ort, session, config, { shareBuffers = false } = {}) {
     this.ort = ort;
     this.session = session;
