@@ -56,7 +56,7 @@ OPTIMUM_PINS := 'optimum-onnx[onnxruntime]==0.1.0' optimum==2.1.0 transformers==
 
 setup-genai: $(VENVS)/genai/.installed
 setup-optimum: $(VENVS)/optimum/.installed
-setup-frontends: setup-genai setup-optimum
+setup-frontends: setup-genai setup-optimum setup-js
 
 $(VENVS)/genai/.installed: Makefile
 	test -x $(VENVS)/genai/bin/python || $(PYTHON) -m venv $(VENVS)/genai
@@ -70,3 +70,16 @@ $(VENVS)/optimum/.installed: Makefile
 	$(VENVS)/optimum/bin/python -m pip install -q torch==2.13.0
 	$(VENVS)/optimum/bin/python -m pip install -q $(OPTIMUM_PINS)
 	touch $@
+
+# The JavaScript front ends' tools (tests/test_frontend_js.py, tests/test_web.py, `python -m runtime
+# web`): Node with npm and Debian's chromium from apt when missing, then the npm packages pinned by
+# tests/js/package-lock.json. ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's postinstall would
+# fetch GPU binaries from a host we cannot reach (the CPU binary ships in the package);
+# PUPPETEER_SKIP_DOWNLOAD: puppeteer-core drives the system chromium and downloads no browser.
+APT_JS := $(if $(shell command -v node),,nodejs) $(if $(shell command -v npm),,npm) $(if $(shell command -v chromium),,chromium)
+.PHONY: setup-js
+setup-js:
+	@if [ -n "$(strip $(APT_JS))" ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && $$SUDO apt-get install -y $(APT_JS); fi
+	cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund

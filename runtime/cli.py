@@ -50,11 +50,23 @@ def _parser() -> argparse.ArgumentParser:
     common(s)
     s.add_argument("--file", required=True, type=Path, help="UTF-8 text file to score")
     s.add_argument("--tokens", action="store_true", help="also print every token's log-probability")
+
+    w = sub.add_parser("web", help="serve a page that runs the artifact in the browser (onnxruntime-web)",
+                       description="Serve a page that generates with the artifact in the browser (onnxruntime-web, WASM).")
+    w.add_argument("--model", required=True, help="artifact folder written by `python -m export build`")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    w.add_argument("--ort-dir", help="folder with onnxruntime-web's dist files (default: the `make setup-js` install)")
     return p
 
 
 def _run(args: argparse.Namespace) -> None:
     from . import load
+
+    if args.command == "web":
+        from .web import serve
+
+        return serve(args.model, args.host, args.port, args.ort_dir)
 
     if args.command == "generate" and not args.prompt:
         raise SystemExit("error: empty prompt: pass --prompt with some text")
