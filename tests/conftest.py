@@ -50,3 +50,12 @@ def tiny_artifacts(tmp_path_factory, tiny_ckpt):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stamp_cache_in_tmp(tmp_path_factory):
+    """runtime.load remembers verified hashes in the user's cache folder; the tests use a temp one."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TABLEFREE_CACHE", str(tmp_path_factory.mktemp("stamp-cache")))
+    yield
+    mp.undo()
