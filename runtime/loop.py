@@ -1,6 +1,6 @@
 """The generation loop: prefill, then one decode step per token, on any DecodeCache.
 
-`decode` is the one place a decode step happens (`cache.step`), for generate and stream, single
+`decode_steps` is the one place a decode step happens (`cache.step`), for generate and stream, single
 prompts and batches, on either graph. Text (incremental detokenization, stop strings) is tracked
 per row by the callback that `text_tracker` builds, only when stop strings or streaming need it.
 """
@@ -40,7 +40,7 @@ def right_padded(rows: list[Row], pad_token_id: int) -> np.ndarray:
     return ids
 
 
-def decode(cache: DecodeCache, rows: list[Row], args: GenerationArgs, pad_token_id: int,
+def decode_steps(cache: DecodeCache, rows: list[Row], args: GenerationArgs, pad_token_id: int,
            on_token: OnToken) -> Iterator[None]:
     """Generate into `rows`, yielding after each step's tokens (so stream can hand out text
     between Runs). `on_token(row_index, token)` handles text and stop strings and may set
@@ -125,7 +125,7 @@ def stream_text(cache: DecodeCache, row: Row, args: GenerationArgs, pad_token_id
             pending.append(row.text[emitted:end])
             emitted = end
 
-    for _ in decode(cache, [row], args, pad_token_id, on_token):
+    for _ in decode_steps(cache, [row], args, pad_token_id, on_token):
         if pending:
             yield "".join(pending)
             pending.clear()

@@ -20,7 +20,7 @@ from .cache import Dims, Graph, SharedKVGraph, SpecGraph
 from .errors import ContextLengthError, InputError, RuntimeArtifactError
 from .inputs import (GenerationArgs, as_int64, check_generation_args, check_ids, check_int, check_load_args,
                      check_text, is_int, prompt_rows)
-from .loop import Row, decode, stream_text, text_tracker
+from .loop import Row, decode_steps, stream_text, text_tracker
 from .onnx_proto import ProtoError, node_input_shapes
 from .results import ForwardOutput, GenerationResult, ScoreResult
 from .sessions import PROVIDERS, cuda_available, import_ort, open_session
@@ -207,11 +207,11 @@ class Model:
             )
         return [Row(prompt_ids=r) for r in token_rows], is_batch, args
 
-    def _decode(self, rows: list[Row], args: GenerationArgs, on_token: Callable[[int, int], None]) -> Iterator[None]:
+    def _generation_steps(self, rows: list[Row], args: GenerationArgs, on_token: Callable[[int, int], None]) -> Iterator[None]:
         """generate's loop on a fresh cache of the generation graph (benchmarks/bench.py times it)."""
         longest = max(len(r.prompt_ids) for r in rows)
         cache = self._generation_graph.new_cache(len(rows), longest + args.max_new_tokens)
-        return decode(cache, rows, args, self.pad_token_id, on_token)
+        return decode_steps(cache, rows, args, self.pad_token_id, on_token)
 
     def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
@@ -226,7 +226,7 @@ class Model:
         rows, is_batch, args = self._prepare(prompt, max_new_tokens, do_sample, temperature, top_k, top_p,
                                              repetition_penalty, min_new_tokens, stop, seed)
         on_token = text_tracker(rows, args.stop_strs, self.tokenizer) if args.stop_strs else (lambda i, t: None)
-        for _ in self._decode(rows, args, on_token):
+        for _ in self._generation_steps(rows, args, on_token):
             pass
         results = []
         for r in rows:
