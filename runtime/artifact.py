@@ -146,7 +146,12 @@ def check_manifest(folder: Path, manifest: dict[str, Any], verify: str, stamps: 
         stamps = stamps if stamps is not None else StampCache()
         try:
             for name, entry in files.items():
-                if not check_sha256(folder / name, entry["sha256"], stamps):
+                try:
+                    ok = check_sha256(folder / name, entry["sha256"], stamps)
+                except OSError as e:
+                    raise RuntimeArtifactError(f"cannot read {folder / name} ({e.strerror}); check the folder's "
+                                               "permissions") from None
+                if not ok:
                     raise RuntimeArtifactError(
                         f"sha256 of {name} in {folder} differs from the manifest: the file is corrupt or was changed; "
                         "re-export or re-download"
