@@ -150,11 +150,10 @@ def worker_ort(args: argparse.Namespace) -> dict:
         if n == args.prefill[0]:  # weights + a short prompt: before long contexts grow the cache and the arena
             out["peak_rss_first_prompt_bytes"] = peak_rss_bytes()
     def decode_rate(prompt: list[int], steps: int) -> float:
-        """generate's own loop (Model._steps, which yields after each step's token), timed from
+        """generate's own loop (Model._generation_steps, which yields after each step's token), timed from
         the first token to the last: the decode steps alone, no prompt in the difference."""
-        rows, _, sampling, end_ids, _ = model._setup(prompt, steps + 1, False, 1.0, 0, 1.0, 1.0, steps + 1, None)
-        marks = [time.perf_counter() for _ in model._steps(rows, steps + 1, sampling, steps + 1, end_ids, None,
-                                                            lambda i, t: None)]
+        rows, _, gen_args = model._prepare(prompt, max_new_tokens=steps + 1, min_new_tokens=steps + 1)
+        marks = [time.perf_counter() for _ in model._generation_steps(rows, gen_args, lambda i, t: None)]
         assert len(rows[0].ids) == steps + 1
         return steps / (marks[-1] - marks[0])
 

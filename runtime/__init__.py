@@ -7,6 +7,7 @@ tokenizers only; it never imports torch.
 """
 from . import errors
 from .errors import *  # noqa: F403 - the error classes are part of the public API
-from .model import ForwardOutput, GenerationResult, Model, ScoreResult, load
+from .model import Model, load
+from .results import ForwardOutput, GenerationResult, ScoreResult
 
 __all__ = ["load", "Model", "GenerationResult", "ScoreResult", "ForwardOutput", *errors.__all__]

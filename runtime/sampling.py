@@ -11,26 +11,17 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import InputError
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """The filters' settings; runtime/inputs.check_sampling builds checked ones from a call's arguments."""
+
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-
-    def validate(self) -> None:
-        if not (self.temperature >= 0):
-            raise InputError(f"temperature = {self.temperature} must be >= 0 (0 means greedy)")
-        if int(self.top_k) != self.top_k or self.top_k < 0:
-            raise InputError(f"top_k = {self.top_k} must be an integer >= 0 (0 turns it off)")
-        if not (0 < self.top_p <= 1):
-            raise InputError(f"top_p = {self.top_p} must be in (0, 1] (1 turns it off)")
-        if not (self.repetition_penalty > 0):
-            raise InputError(f"repetition_penalty = {self.repetition_penalty} must be > 0 (1 turns it off)")
 
     @property
     def greedy(self) -> bool:

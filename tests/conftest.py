@@ -60,3 +60,12 @@ def small_ckpt(tmp_path_factory) -> Path:
     folder = make_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", cfg, seed=1)
     (folder / "special_tokens_map.json").write_text('{"eos_token": "</s>"}\n')
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stamp_cache_in_tmp(tmp_path_factory):
+    """runtime.load remembers verified hashes in the user's cache folder; the tests use a temp one."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TABLEFREE_CACHE", str(tmp_path_factory.mktemp("stamp-cache")))
+    yield
+    mp.undo()

@@ -63,9 +63,9 @@ def test_runtime_forward_and_generate_use_it(tiny_artifacts, ref, want):
     from reference.generate import generate
 
     m = runtime.load(tiny_artifacts("arith"), provider="cpu")
-    assert m._kv_has_keep  # the shared-cache graph keeps the input too
+    assert m._kv.has_logits_to_keep  # the shared-cache graph keeps the input too
     out = m.forward(np.array([IDS], np.int64), logits_to_keep=1)
-    assert m._has_keep
+    assert m._spec_graph.has_logits_to_keep
     assert out.logits.shape == (1, 1, want.shape[1])
     assert np.abs(out.logits[0, 0] - want[-1]).max() <= 1e-4 * np.abs(want).max()
     # generate's prefill binds logits_to_keep = 1: tokens equal the torch oracle's

@@ -205,13 +205,13 @@ def test_one_session_shared_by_eight_threads(model):
 def test_provider_reported_and_auto_warns_once(tiny_artifacts, monkeypatch):
     import onnxruntime as ort
 
-    import runtime.model as rm
+    import runtime.sessions as rs
 
     m = runtime.load(tiny_artifacts("bitwise"), provider="cpu", threads=1)
     assert m.provider == "CPUExecutionProvider"
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA is installed here: auto does not fall back")
-    monkeypatch.setattr(rm, "_warned_fallback", False)
+    monkeypatch.setattr(rs, "_warned_fallback", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
@@ -248,19 +248,19 @@ def test_kv_graph_serves_generation_and_spec_graph_opens_only_for_forward(tiny_a
     from reference.generate import generate
 
     m = runtime.load(tiny_artifacts("arith"), provider="cpu")
-    assert m.kv_session is not None and m._session is None
+    assert m.kv_session is not None and m._spec is None
     ids = m.encode(PROMPT)
     assert m.generate(ids, max_new_tokens=24).ids == generate(ref, ids, 24, eos_token_id=m.eos_token_ids)
     m.score(PROMPT)
     "".join(m.stream(PROMPT, max_new_tokens=8))
     prompts = [PROMPT, "Once", "A long time ago, in a galaxy far away"]
     rows = m.generate(prompts, max_new_tokens=12)  # right-padded batch on the kv graph
-    assert m._session is None
+    assert m._spec is None
     for p, r in zip(prompts, rows):
         pid = m.encode(p)
         assert r.ids == generate(ref, pid, 12, eos_token_id=m.eos_token_ids)
     m.forward(np.array([ids], np.int64))
-    assert m._session is not None
+    assert m._spec is not None
 
 
 def test_artifact_without_kv_graph(tiny_ckpt, tmp_path):

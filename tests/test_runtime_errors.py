@@ -26,11 +26,14 @@ def model(tiny_artifacts):
 
 @pytest.fixture
 def no_run(model, monkeypatch):
-    """Any Run during the test is a failure: the checks must come first."""
+    """Any Run during the test is a failure: the checks must come first (every session, both graphs)."""
+    import onnxruntime as ort
+
     def boom(*a, **k):
         raise AssertionError("ONNX Runtime was asked to run before the input was checked")
 
-    monkeypatch.setattr(model, "_run", boom)
+    for name in ("run", "run_with_iobinding", "run_with_ort_values"):
+        monkeypatch.setattr(ort.InferenceSession, name, boom)
     return model
 
 
