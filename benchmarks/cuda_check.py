@@ -58,7 +58,7 @@ def tiny_arith(work: Path) -> Path:
         print(f"cuda_check: no tokenizer ({e}); prompts are used as code points", file=sys.stderr)
         tok = None
     ckpt = make_checkpoint(work / "ckpt", tiny_config(code=CodeConfig(A=A, b=b)), seed=0, tokenizer_dir=tok)
-    return build(ckpt, work / "tiny-arith", code="arith", provider="cuda", log=lambda m: None)
+    return build(ckpt, work / "tiny-arith", lift_mode="arith", provider="cuda", log=lambda m: None)
 
 
 def node_placement(model_path: Path, m, ort) -> dict[str, int]:

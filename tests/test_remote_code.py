@@ -162,5 +162,5 @@ def test_without_the_flag_the_code_is_not_run_but_mentioned(remote_folder, tmp_p
 
     monkeypatch.setattr(export.remote, "load_remote_model", boom)
     logs: list[str] = []
-    build(remote_folder, tmp_path / "o", code="arith", verify=False, log=logs.append)
+    build(remote_folder, tmp_path / "o", lift_mode="arith", verify=False, log=logs.append)
     assert any("ships its own model code" in m and "--trust-remote-code" in m for m in logs)
