@@ -6,7 +6,6 @@ has the full one. Each check is a row of the report: what was measured, the boun
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -470,7 +469,3 @@ def check_kv_graph(report: Report, folder: Path, e: Expected, precision: str, pr
     report.add("kv graph: perplexity ratio", q["ppl_ratio"], f"<= {fl['ppl_ratio']}", q["ppl_ratio"] <= fl["ppl_ratio"],
                detail=e.held_source)
     tick(1, "kv graph quality")
-
-
-def save_report(report: Report, path: Path) -> None:
-    Path(path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
