@@ -85,7 +85,7 @@ def test_pass_refuses_a_graph_without_a_head():
 def test_rotary_fused_and_exact(tiny_artifacts, ref, want):
     """Every q and k rotation became one RotaryEmbedding; the logits still match the reference (above,
     and through the gate's teacher forcing); the caches equal the reference's own cos / sin."""
-    from graphs.optimize import ROT, rotary_caches
+    from graphs.optimize import rotary_caches
     from reference.model import rope_cos_sin
 
     folder = tiny_artifacts("arith")
@@ -108,7 +108,8 @@ def test_split_head_is_exact_and_quantizes_as_the_head(tiny_ckpt, tmp_path, monk
     """A head above HEAD_CHUNK_BYTES is traced as column blocks joined by a Concat: the logits (all
     positions and logits_to_keep=1) still equal the reference's, and int4's 8-bit head finds every block."""
     import export.trace
-    from export.build import Stages, export_graph, load_reference
+    from export.graph import export_graph, load_reference
+    from export.progress import Stages
     from graphs.optimize import head_matmuls
     from graphs.quantize import quantize_nbits
     from reference.checkpoint import load_model
