@@ -12,6 +12,8 @@ Recoding c~ = (A c + b) mod 2 is a float MatMul with A^T, Add b, Mod 2: every in
 small integer (<= K + 1), so float32 is exact. No step holds a V x d constant: bitwise/arith carry
 about K*K + K values, lookup V*K bits. Node names say which part of the lift they are
 (`/model/embed/lift/bits/BitShift`, ...), so a profiler or a graph viewer shows where time goes.
+About 400 lines: building, splicing, extracting and checking the lift belong together, since each
+check reads the graph the builder wrote.
 """
 from __future__ import annotations
 
