@@ -43,7 +43,7 @@ def tiny_artifact(work: Path) -> Path:
 
     A, b = random_invertible_gf2(16, seed=1)
     ckpt = make_checkpoint(work / "ckpt", tiny_config(code=CodeConfig(A=A, b=b)), seed=0)
-    return build(ckpt, work / "tiny-bitwise", code="bitwise", log=lambda m: None)
+    return build(ckpt, work / "tiny-bitwise", lift_mode="bitwise", log=lambda m: None)
 
 
 def bare_iob(m: runtime.Model, prompt: list[int], tokens: list[int]) -> float:

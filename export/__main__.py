@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from runtime.interface import LIFT_MODES, PRECISIONS
@@ -13,16 +14,16 @@ config.json, generation_config.json, tokenizer files, genai_config.json and mani
 the parity report. The artifact runs with onnxruntime alone."""
 
 EPILOG = """\
-lift modes (--code):
+lift modes (--code MODE):
   bitwise  BitShift + BitwiseAnd on the id; smallest graph; ONNX Runtime runs these on the CPU provider only
   arith    integer Div/Mod on the id; runs on every execution provider (use it for cuda)
   lookup   Gather from a constant table of the V recoded K-bit codes (V*K bits), then unpack; every provider
 
 precisions (--precision):
   fp32     exact: logits within 1e-4 of max|logit|, greedy token-exact, checked by the parity gate
-  fp16     half the size, meant for CUDA; LayerNorm/softmax/residual kept in fp32
-  int8     dynamic int8 MatMul weights (CPU); held to the int8 quality floor
-  int4     weight-only int4 MatMulNBits; smallest; held to the int4 quality floor
+  fp16     half the size, meant for CUDA; LayerNorm/softmax/residual kept in fp32; needs --no-kv-graph
+  int8     weight-only 8-bit MatMulNBits (block 128, int8 compute); held to the int8 quality floor
+  int4     weight-only 4-bit MatMulNBits (8-bit head); smallest; held to the int4 quality floor
 
 lift conventions (SPEC 1.1; defaults come from the checkpoint's config.json):
   --bit-order lsb_first|msb_first, --values zero_one|plus_minus_one, --tiling repeat|interleave, --scale X
@@ -40,8 +41,10 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", metavar="PATH|HUB_ID",
                    help="checkpoint folder (config.json + *.safetensors + tokenizer files) or a Hugging Face hub id "
                         "OWNER/NAME (fetched without pickles; needs network). Default: the embedded demo model models/shakespeare")
-    b.add_argument("--out", metavar="DIR", help="artifact folder to write. Default: artifacts/<model-name>-<code>-<precision>")
-    b.add_argument("--code", choices=LIFT_MODES, default="bitwise", help="how the graph computes the lift (see below). Default: bitwise")
+    b.add_argument("--out", metavar="DIR", help="artifact folder to write, outside the model folder. "
+                   "Default: artifacts/<model-name>-<lift mode>-<precision>")
+    b.add_argument("--code", dest="lift_mode", choices=LIFT_MODES, default="bitwise",
+                   help="the lift mode: how the graph computes the lift (see below). Default: bitwise")
     b.add_argument("--precision", choices=PRECISIONS, default="fp32", help="weight precision (see below). Default: fp32")
     b.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
                    help="execution provider the artifact targets and is verified on (cuda: verified there when "
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import ExportError
 
     try:
-        build(args.model, args.out, code=args.code, precision=args.precision, provider=args.provider,
+        build(args.model, args.out, lift_mode=args.lift_mode, precision=args.precision, provider=args.provider,
               opset=args.opset, force=args.force, verify=not args.no_verify, key_map=args.key_map,
               trust_remote_code=args.trust_remote_code, log=stderr_log, bit_order=args.bit_order,
               values=args.values, tiling=args.tiling, scale=args.scale, progress=True,
@@ -87,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("error: interrupted; nothing was written to --out", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     return 0
 
 

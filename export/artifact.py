@@ -1,61 +1,67 @@
-"""The artifact folder (SPEC 3): everything but the graph, and the atomic move into place.
+"""What the artifact folder (SPEC 3) holds besides the graphs: configs, tokenizer, the manifest's fields.
 
-A build writes into a temporary sibling of `--out` and renames it into place only when the
-parity gate passed, so a reader never sees a half-written folder and a failed build never
-replaces a good one.
+The contents are decided here; the writing (atomic files, sha256 table, the move into place) is
+export/writer.py's `ArtifactWriter`, which every function below writes through.
 """
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from reference.config import ModelConfig
-from runtime.interface import (ATTENTION_MASK, CONFIG_FILE, DATA_FILE, FORMAT_NAME, FORMAT_VERSION,
-                               GENAI_CONFIG_FILE, GENERATION_CONFIG_FILE, INPUT_IDS, LOGITS, MANIFEST_FILE,
-                               MODEL_FILE, PAST_KEY, PAST_VALUE, POSITION_IDS, PRESENT_KEY, PRESENT_VALUE,
-                               TOKENIZER_FILES)
+from runtime.artifact import sha256_file
+from runtime.interface import (ATTENTION_MASK, CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, GENAI_CONFIG_FILE,
+                               GENERATION_CONFIG_FILE, INPUT_IDS, LOGITS, MODEL_FILE, PAST_KEY, PAST_VALUE,
+                               POSITION_IDS, PRESENT_KEY, PRESENT_VALUE, TOKENIZER_FILES)
+
+from .writer import ArtifactWriter
+
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# what a tokenizer returns for the graphs (transformers/optimum feed exactly these): never
+# token_type_ids, which PreTrainedTokenizerFast adds by default and no graph input takes
+MODEL_INPUT_NAMES = [INPUT_IDS, ATTENTION_MASK]
 
 
-# The runtime checks these hashes; one function computes them on both sides.
-from runtime.artifact import sha256_file as sha256  # noqa: E402
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def file_hashes(folder: Path, skip: tuple[str, ...] = (MANIFEST_FILE,)) -> dict[str, dict[str, Any]]:
-    return {p.name: {"sha256": sha256(p), "size": p.stat().st_size}
-            for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name not in skip}
-
-
-def write_config(folder: Path, cfg: ModelConfig) -> None:
+def write_config(w: ArtifactWriter, cfg: ModelConfig) -> None:
     """config.json with the lift conventions and A/b spelled out: the artifact needs no weights file to describe its code."""
-    write_json(folder / CONFIG_FILE, cfg.to_dict(with_matrix=True))
+    w.write_json(CONFIG_FILE, cfg.to_dict(with_matrix=True))
 
 
-def write_generation_config(folder: Path, cfg: ModelConfig, source: Path) -> None:
+def write_generation_config(w: ArtifactWriter, cfg: ModelConfig, source: Path) -> None:
     src = source / GENERATION_CONFIG_FILE
     gen: dict[str, Any] = json.loads(src.read_text()) if src.is_file() else {}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         gen.setdefault(key, getattr(cfg, key))
     gen.setdefault("max_length", cfg.max_position_embeddings)
-    write_json(folder / GENERATION_CONFIG_FILE, gen)
+    w.write_json(GENERATION_CONFIG_FILE, gen)
 
 
-def copy_tokenizer(folder: Path, source: Path) -> list[str]:
+def copy_tokenizer(w: ArtifactWriter, source: Path) -> list[str]:
+    """The checkpoint's tokenizer files, each only if it resolves inside the checkpoint folder;
+    tokenizer_config.json gains `model_input_names` (written even when the checkpoint had none)."""
     copied = []
+    root = source.resolve()
     for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, folder / name)
-            copied.append(name)
+        src = source / name
+        try:
+            real = src.resolve(strict=True)
+        except (OSError, RuntimeError):  # absent, or a symlink loop
+            continue
+        if not real.is_file() or not real.is_relative_to(root):
+            continue
+        if name == TOKENIZER_CONFIG_FILE:
+            tc = json.loads(real.read_text())
+            w.write_json(name, {**tc, "model_input_names": MODEL_INPUT_NAMES})
+        else:
+            w.copy_file(name, real)
+        copied.append(name)
+    if copied and TOKENIZER_CONFIG_FILE not in copied:
+        w.write_json(TOKENIZER_CONFIG_FILE, {"tokenizer_class": "PreTrainedTokenizerFast",
+                                             "model_input_names": MODEL_INPUT_NAMES})
+        copied.append(TOKENIZER_CONFIG_FILE)
     return copied
 
 
@@ -63,7 +69,7 @@ def _pattern(template: str) -> str:
     return template.replace("{i}", "%d")
 
 
-def write_genai_config(folder: Path, cfg: ModelConfig, provider: str) -> None:
+def write_genai_config(w: ArtifactWriter, cfg: ModelConfig, provider: str) -> None:
     """onnxruntime-genai's layout, so its `og.Model(folder)` can load the artifact as a plain decoder."""
     provider_options = [{"cuda": {}}] if provider == "cuda" else []
     genai = {
@@ -103,7 +109,7 @@ def write_genai_config(folder: Path, cfg: ModelConfig, provider: str) -> None:
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
-    write_json(folder / GENAI_CONFIG_FILE, genai)
+    w.write_json(GENAI_CONFIG_FILE, genai)
 
 
 def source_hashes(source: Path) -> dict[str, dict[str, Any]]:
@@ -111,7 +117,7 @@ def source_hashes(source: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for p in sorted(source.iterdir()):
         if p.is_file() and (p.suffix in (".safetensors", ".json", ".txt", ".model") or p.name in TOKENIZER_FILES):
-            out[p.name] = {"sha256": sha256(p), "size": p.stat().st_size}
+            out[p.name] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     return out
 
 
@@ -129,52 +135,23 @@ def producer_versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
-def write_manifest(folder: Path, *, cfg: ModelConfig, source_info: dict, source: Path, mode: str,
+def write_manifest(w: ArtifactWriter, *, cfg: ModelConfig, source_info: dict, source: Path, lift_mode: str,
                    precision: str, opset: int, providers_verified: list[str], parity: dict | None,
                    stages: dict[str, float], kv_graph: dict | None = None) -> dict:
+    """manifest.json (SPEC 3): where the artifact came from, how it was made, the gate's report;
+    the writer adds the sha256 table of every file."""
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "producer": producer_versions(),
         "source": {**source_info, "files": source_hashes(source)},
-        "lift": {"mode": mode, **cfg.code.to_dict(with_matrix=True)},
+        "lift": {"mode": lift_mode, **cfg.code.to_dict(with_matrix=True)},
         "precision": precision,
         "opset": opset,
         "kv_graph": kv_graph or {"file": None},
         "providers_verified": providers_verified,
         "parity": parity,
         "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
-        "files": file_hashes(folder),
     }
-    write_json(folder / MANIFEST_FILE, manifest)
-    return manifest
-
-
-def move_into_place(staging: Path, out: Path) -> None:
-    """Replace `out` by `staging` with renames only: the old artifact stays whole until the new one is in."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(staging, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def keep_failed(staging: Path, out: Path) -> Path:
-    """Park a failed build as `<out>.failed` (replacing an older failure) so its report can be read."""
-    failed = out.with_name(out.name + ".failed")
-    if failed.exists():
-        shutil.rmtree(failed, ignore_errors=True)
-    os.replace(staging, failed)
-    return failed
-
-
-def required_files() -> tuple[str, ...]:
-    return (MODEL_FILE, DATA_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, GENAI_CONFIG_FILE)
+    return w.write_manifest(manifest)

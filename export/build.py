@@ -2,18 +2,16 @@
 
 Stages: check arguments, load, trace, graph passes, lift, precision, save, verify, manifest. All
 cheap argument checks come first so a bad invocation fails in well under a second. The artifact
-is assembled in a temporary sibling of `out` and renamed into place only when the gate passed.
+is assembled by an `ArtifactWriter` (export/writer.py) in a temporary sibling of `out` and moved
+into place only when the gate passed.
 """
 from __future__ import annotations
 
 import gc
-import multiprocessing as mp
 import os
-import shutil
+import signal
 import sys
 import threading
-import time
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,55 +19,73 @@ from pathlib import Path
 from runtime.interface import DATA_FILE, KV_MODEL_FILE, LIFT_MODES, MODEL_FILE, PRECISIONS
 
 from .errors import ExportError
+from .graph import apply_overrides, export_isolated, load_reference
+from .progress import Stages
 from .trace import DEFAULT_OPSET
+from .writer import ArtifactWriter, disk_full_error
 
 PROVIDERS = ("cpu", "cuda")
 OPSET_RANGE = (18, 23)  # LayerNormalization needs >= 17; onnxruntime 1.31 runs up to 23
-CONVENTION_FIELDS = ("bit_order", "values", "tiling", "scale")  # code fields a user may override
-BLOCK_FIELDS = ("norm_type", "rope_pairing", "hidden_act")  # set only by the --trust-remote-code search
 INT_BLOCK_SIZE = 128  # MatMulNBits block for int8 (accuracy level 4: int8 compute)
 
 
-class Stages:
-    """Prints `stage ... s` lines and keeps the timings for the manifest; a heartbeat for long stages."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP during a build, raised like Ctrl-C so every cleanup on the way out runs."""
 
-    def __init__(self, log: Callable[[str], None], heartbeat_s: float = 15.0):
-        self.log, self.heartbeat_s, self.seconds = log, heartbeat_s, {}
-
-    @contextmanager
-    def __call__(self, name: str, heartbeat: bool = True) -> Iterator[None]:
-        """`heartbeat=False` where a progress bar already shows the stage moving."""
-        t0 = time.perf_counter()
-        done = threading.Event()
-
-        def beat() -> None:
-            while not done.wait(self.heartbeat_s):
-                self.log(f"  ... {name} still running ({time.perf_counter() - t0:.0f} s)")
-
-        if heartbeat:
-            threading.Thread(target=beat, daemon=True).start()
-        try:
-            yield
-        finally:
-            done.set()
-            self.seconds[name] = time.perf_counter() - t0
-        self.log(f"[export] {name:<10} {self.seconds[name]:7.2f} s")
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
-def default_out(model_name: str, code: str, precision: str) -> Path:
-    return Path("artifacts") / f"{model_name}-{code}-{precision}"
+@contextmanager
+def exit_signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Terminated` in the main thread while the build runs (their default
+    ends the process without running `finally`, which would leave the staging folders behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
-def check_arguments(out: Path, code: str, precision: str, provider: str, opset: int, force: bool,
-                    trust_remote_code: bool, overrides: dict) -> None:
+def default_out(model_name: str, lift_mode: str, precision: str) -> Path:
+    return Path("artifacts") / f"{model_name}-{lift_mode}-{precision}"
+
+
+def check_out_vs_model(out: Path, model_dir: Path) -> None:
+    """--out must not be the checkpoint folder, inside it, or around it: replacing it would delete the checkpoint."""
+    o, m = out.expanduser().resolve(), model_dir.expanduser().resolve()
+    if o == m or m in o.parents or o in m.parents:
+        where = "is" if o == m else "is inside" if m in o.parents else "contains"
+        raise ExportError(f"--out {out} {where} the model folder {model_dir}; choose an --out outside it "
+                          "(the artifact folder is replaced as a whole, which would delete the checkpoint)")
+
+
+def check_arguments(out: Path, lift_mode: str, precision: str, provider: str, opset: int, force: bool,
+                    trust_remote_code: bool, overrides: dict, kv_graph: bool = True,
+                    model_dir: Path | None = None) -> None:
     """Everything that can be refused without reading a weight."""
-    if code not in LIFT_MODES:
-        raise ExportError(f"--code {code}: unknown lift mode; choose one of {', '.join(LIFT_MODES)}")
+    if lift_mode not in LIFT_MODES:
+        raise ExportError(f"--code {lift_mode}: unknown lift mode; choose one of {', '.join(LIFT_MODES)}")
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision}: unknown; choose one of {', '.join(PRECISIONS)}")
     if provider not in PROVIDERS:
         raise ExportError(f"--provider {provider}: unknown; choose cpu or cuda")
-    if code == "bitwise" and provider == "cuda":
+    if kv_graph and precision == "fp16":
+        raise ExportError(f"--precision fp16 cannot have {KV_MODEL_FILE} (its shared cache is float32 only); "
+                          f"pass --no-kv-graph to export fp16 (the runtime then serves every call with {MODEL_FILE})")
+    if lift_mode == "bitwise" and provider == "cuda":
         raise ExportError("--code bitwise cannot target --provider cuda: ONNX Runtime has BitShift/BitwiseAnd on the "
                           "CPU provider only, so nodes would fall back to the CPU; use --code arith or --code lookup")
     if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
@@ -86,6 +102,8 @@ def check_arguments(out: Path, code: str, precision: str, provider: str, opset: 
     for key, allowed in (("bit_order", BIT_ORDERS), ("values", VALUE_MAPS), ("tiling", TILINGS)):
         if overrides.get(key) is not None and overrides[key] not in allowed:
             raise ExportError(f"--{key.replace('_', '-')} {overrides[key]}: choose one of {', '.join(allowed)}")
+    if model_dir is not None:
+        check_out_vs_model(out, model_dir)
     if out.exists() and not force:
         raise ExportError(f"--out {out} already exists; pass --force to replace it (the old one stays until the new one passed)")
     if out.exists() and not out.is_dir():
@@ -111,14 +129,12 @@ def read_key_map(path: str | os.PathLike | dict | None) -> dict | None:
         raise ExportError(str(e)) from None
 
 
-def apply_overrides(cfg, overrides: dict) -> None:
-    """Convention overrides (CLI flags, or what --trust-remote-code found) onto a ModelConfig, in place."""
-    for key in CONVENTION_FIELDS:
-        if overrides.get(key) is not None:
-            setattr(cfg.code, key, float(overrides[key]) if key == "scale" else overrides[key])
-    for key in BLOCK_FIELDS:
-        if overrides.get(key) is not None:
-            setattr(cfg, key, overrides[key])
+def say_remote_files(folder: Path, log: Callable[[str], None]) -> None:
+    """--trust-remote-code: name the folder's files that will run, before any of them does."""
+    from .remote import remote_code_files
+
+    files = remote_code_files(folder)
+    log(f"[export] --trust-remote-code will run code from {folder}: {', '.join(files) if files else 'no .py file found'}")
 
 
 def note_folder_code(folder: Path, log: Callable[[str], None]) -> None:
@@ -130,171 +146,42 @@ def note_folder_code(folder: Path, log: Callable[[str], None]) -> None:
             "Pass --trust-remote-code to check the reference against it")
 
 
-def load_reference(folder: Path, key_map: dict | None, overrides: dict):
-    """The checkpoint as the fp32 reference model, with any lift convention overrides applied.
-
-    Built on the meta device and filled with `assign=True`, so the weights exist once in memory.
-    """
-    import torch
-
-    from reference.checkpoint import CheckpointError, load_checkpoint
-    from reference.config import ConfigError
-    from reference.model import TableFreeLM
-
-    try:
-        cfg, sd = load_checkpoint(folder, key_map=key_map)
-        apply_overrides(cfg, overrides)
-        if "code.A" in sd:
-            cfg.code.A = sd["code.A"].numpy()
-        if "code.b" in sd:
-            cfg.code.b = sd["code.b"].numpy()
-        cfg.validate()
-        with torch.device("meta"):
-            lm = TableFreeLM(cfg)
-        sd.setdefault("code.A", torch.as_tensor(cfg.code.A, dtype=torch.uint8))
-        sd.setdefault("code.b", torch.as_tensor(cfg.code.b, dtype=torch.uint8))
-        lm.load_state_dict(sd, strict=True, assign=True)
-    except (CheckpointError, ConfigError) as e:
-        raise ExportError(str(e)) from None
-    except FileNotFoundError as e:
-        raise ExportError(f"{folder}: {e}") from None
-    except RuntimeError as e:  # load_state_dict: shapes that disagree with the config
-        first = str(e).strip().splitlines()
-        raise ExportError(f"{folder}: the weights do not fit config.json ({' '.join(first[:3])[:300]}); fix config.json") from None
-    return lm.eval()
-
-
-def export_graph(lm, work: Path, mode: str, opset: int, stages: Stages, lift_code=None) -> Path:
-    """Trace, optimise, name, save with external data, splice the lift in; returns work/model.onnx.
-
-    `lift_code` replaces the model's own code in the spliced lift: only tests use it, to prove the
-    gate catches a graph whose lift differs from the reference.
-    """
-    import onnx
-    import onnx_ir as ir
-
-    from graphs.lift import attach_lift, check_no_vocab_table
-    from graphs.optimize import add_logits_to_keep, fuse_rotary, remove_dead
-
-    from .passes import name_nodes, name_weights, optimize
-    from .trace import trace_body
-
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / MODEL_FILE
-    with stages("trace"):
-        body = trace_body(lm, opset)
-    with stages("passes"):
-        optimize(body)
-        name_nodes(body)
-        name_weights(body)
-    with stages("save"):
-        ir.save(body, path, external_data=DATA_FILE)
-        del body
-    with stages("lift"):
-        proto = onnx.load(str(path), load_external_data=False)
-        proto = attach_lift(proto, lift_code if lift_code is not None else lm.cfg.code, mode, lm.cfg.vocab_size)
-        check_no_vocab_table(proto, lm.cfg.vocab_size, lm.cfg.hidden_size)
-        add_logits_to_keep(proto)  # prompts skip the vocabulary head on all but the last position
-        if lm.cfg.rope_pairing == "rotate_half":
-            cfg = lm.cfg
-            fuse_rotary(proto, cfg.num_attention_heads, cfg.head_size, cfg.rope_theta, cfg.max_position_embeddings)
-        remove_dead(proto.graph)  # what the passes above left unread (ORT warns about each at load)
-        onnx.save(proto, str(path))
-        onnx.checker.check_model(str(path))
-    return path
-
-
-def _export_child(conn, folder: Path, key_map: dict | None, overrides: dict, work: Path, mode: str, opset: int,
-                  lift_code) -> None:
-    """Body of the export process: load, trace, passes, save; stage lines and the result go to `conn`."""
-    try:
-        stages = Stages(lambda msg: conn.send(("log", msg)))
-        lm = load_reference(folder, key_map, overrides)
-        path = export_graph(lm, work, mode, opset, stages, lift_code=lift_code)
-        conn.send(("ok", str(path), stages.seconds))
-    except ExportError as e:
-        conn.send(("error", str(e)))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which owns the error handling
-        conn.send(("crash", f"{type(e).__name__}: {str(e).strip()[:300]}", traceback.format_exc()))
-    finally:
-        conn.close()
-
-
-def export_isolated(folder: Path, key_map: dict | None, overrides: dict, work: Path, mode: str, opset: int,
-                    stages: Stages, lift_code=None) -> Path:
-    """`export_graph` in a spawned child process.
-
-    Why: tracing the 0.5B model leaves about 0.7x its weight bytes of native memory behind that no
-    release from Python returns (measured: RSS 2.65 GB with the model and every large Python object
-    gone; benchmarks/RESULTS.md). A child gives all of it back when it exits, so the parity gate's
-    ONNX Runtime session does not stack on top of it.
-    """
-    ctx = mp.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_export_child, args=(send, folder, key_map, overrides, work, mode, opset, lift_code),
-                        daemon=True)
-    child.start()
-    send.close()
-    result = None
-    while True:
-        try:
-            msg = receive.recv()
-        except EOFError:
-            break
-        if msg[0] == "log":
-            stages.log(msg[1])
-        else:
-            result = msg
-    child.join()
-    if result is None:
-        raise ExportError(f"the export process died (exit code {child.exitcode}) before it finished; if it ran out of "
-                          "memory, close other programs or export on a machine with more RAM")
-    if result[0] == "error":
-        raise ExportError(result[1])
-    if result[0] == "crash":
-        raise RuntimeError(f"{result[1]}\n{result[2]}")
-    stages.seconds.update(result[2])
-    return Path(result[1])
-
-
-def convert_precision(src: Path, dst_dir: Path, precision: str) -> None:
-    """fp32 graph -> the requested precision in dst_dir (model.onnx + model.onnx.data)."""
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    dst = dst_dir / MODEL_FILE
+def convert_precision(src: Path, w: ArtifactWriter, precision: str) -> None:
+    """fp32 graph (the trace's work folder) -> model.onnx + model.onnx.data of the requested precision."""
     if precision == "fp32":
-        os.replace(src, dst)
-        os.replace(src.parent / DATA_FILE, dst_dir / DATA_FILE)
+        w.adopt(MODEL_FILE, src)
+        w.adopt(DATA_FILE, src.parent / DATA_FILE)
         return
     from graphs import quantize
 
     if precision == "fp16":
-        quantize.to_fp16(src, dst)
+        model, _ = quantize.to_fp16(src)
     elif precision == "int8":
         # weight-only 8-bit MatMulNBits, block 128, int8 compute: 52 tok/s decode on the full model
-        # against 45 for dynamic QUInt8 MatMulInteger (benchmarks/RESULTS.md)
-        quantize.quantize_nbits(src, dst, bits=8, block_size=INT_BLOCK_SIZE)
+        # against 45 for MatMulInteger with activations quantized per call (benchmarks/RESULTS.md)
+        model, _ = quantize.quantize_nbits(src, bits=8, block_size=INT_BLOCK_SIZE)
     else:
         # block 32, asymmetric, 8-bit head: the fastest setting that meets the int4 floors on the full
         # model (block 128 symmetric: 86 tok/s but top-1 0.63 / KL 0.37 / ppl x1.48; benchmarks/RESULTS.md)
-        quantize.quantize_nbits(src, dst, bits=4, block_size=32, is_symmetric=False, head_bits=8)
-    if not (dst_dir / DATA_FILE).is_file():
-        raise ExportError(f"{precision} conversion wrote no {DATA_FILE} beside {dst}; this is a bug in graphs.quantize")
+        model, _ = quantize.quantize_nbits(src, bits=4, block_size=32, is_symmetric=False, head_bits=8)
+    w.save_model(MODEL_FILE, model, DATA_FILE)
 
 
-def write_kv(folder: Path, log: Callable[[str], None]) -> dict:
-    """The shared-cache decoder graph beside model.onnx (graphs/gqa.py), or a note why there is none.
+def write_kv(w: ArtifactWriter) -> dict:
+    """The shared-cache decoder graph beside model.onnx (graphs/gqa.py); its manifest entry.
 
-    Optional by design: the artifact is complete without it (SPEC 3 is model.onnx); the runtime
-    uses it for generation because a decode step then writes one cache position instead of
-    copying the whole cache (benchmarks/RESULTS.md).
+    Asked for by default (`--no-kv-graph` opts out): the runtime generates on it because a decode
+    step then writes one cache position instead of copying the whole cache (benchmarks/RESULTS.md).
+    A graph it cannot be built from fails the build rather than shipping a slower artifact unasked.
     """
-    from graphs.gqa import GQAError, write_kv_graph
+    from graphs.gqa import GQAError, kv_graph
 
     try:
-        write_kv_graph(folder)
+        kv = kv_graph(w.folder)
     except GQAError as e:
-        log(f"[export] note: no {KV_MODEL_FILE} ({e}); the runtime serves every call with {MODEL_FILE}")
-        return {"file": None, "reason": str(e)}
+        raise ExportError(f"cannot build {KV_MODEL_FILE}, the shared-cache decoder graph: {e}. Pass --no-kv-graph "
+                          f"to export without it (the runtime then serves every call with {MODEL_FILE})") from None
+    w.write_model(KV_MODEL_FILE, kv)
     return {"file": KV_MODEL_FILE, "cache": "one [batch, heads, max_len, head_size] buffer per layer, past == present",
             "op": "com.microsoft.GroupQueryAttention", "padding": "right"}
 
@@ -312,7 +199,7 @@ def verify_providers(provider: str, log: Callable[[str], None]) -> str:
     return "cpu"
 
 
-def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None, code: str = "bitwise",
+def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None, lift_mode: str = "bitwise",
           precision: str = "fp32", provider: str = "cpu", opset: int | None = None, force: bool = False,
           verify: bool = True, key_map: str | os.PathLike | dict | None = None, trust_remote_code: bool = False,
           log: Callable[[str], None] = print, *, bit_order: str | None = None, values: str | None = None,
@@ -320,20 +207,28 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
           _lift_code=None) -> Path:
     """Export `model` to a verified artifact folder and return its path; raises ExportError.
 
+    `lift_mode` is how the graph computes the lift (LIFT_MODES; the CLI's --code).
     `progress` draws a bar on stderr for the parity gate when stderr is a terminal (the CLI sets it).
-    `kv_graph` adds model.kv.onnx, the shared-cache decoder graph (checked by the same gate).
+    `kv_graph` adds model.kv.onnx, the shared-cache decoder graph (checked by the same gate); when
+    it cannot be built the build fails unless `kv_graph=False`.
     """
     from .hub import resolve_source
 
     opset = DEFAULT_OPSET if opset is None else int(opset)
     overrides = {"bit_order": bit_order, "values": values, "tiling": tiling, "scale": scale}
     stages = Stages(log)
+    local = Path(model).expanduser() if model is not None else None
+    model_dir = local if local is not None and local.is_dir() else None
     if out is not None:  # refuse a bad --out before touching the network or any weight
-        check_arguments(Path(out), code, precision, provider, opset, force, trust_remote_code, overrides)
+        check_arguments(Path(out), lift_mode, precision, provider, opset, force, trust_remote_code, overrides,
+                        kv_graph, model_dir)
     with stages("load"):
         folder, source_info = resolve_source(model, with_code=trust_remote_code)
-        out = Path(out) if out is not None else default_out(folder.name, code, precision)
-        check_arguments(out, code, precision, provider, opset, force, trust_remote_code, overrides)
+        out = Path(out) if out is not None else default_out(folder.name, lift_mode, precision)
+        check_arguments(out, lift_mode, precision, provider, opset, force, trust_remote_code, overrides,
+                        kv_graph, folder)
+        if trust_remote_code:
+            say_remote_files(folder, log)
         key_map = read_key_map(key_map)
         lm = load_reference(folder, key_map, overrides)  # validates everything before the long stages
         if trust_remote_code:
@@ -348,65 +243,65 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
     cfg = lm.cfg
     del lm  # the trace runs in a child process and the gate reloads the reference (export_isolated)
     log(f"[export] model {folder} (V {cfg.vocab_size}, d {cfg.hidden_size}, {cfg.num_hidden_layers} layers) "
-        f"-> {out} [{code}, {precision}, opset {opset}]")
+        f"-> {out} [{lift_mode}, {precision}, opset {opset}]")
     out = out.absolute()
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    work = out.with_name(f".{out.name}.work-{os.getpid()}")
-    for p in (staging, work):
-        shutil.rmtree(p, ignore_errors=True)
     try:
-        fp32 = export_isolated(folder, key_map, overrides, work, code, opset, stages, lift_code=_lift_code)
-        with stages("precision"):
-            convert_precision(fp32, staging, precision)
-        with stages("files"):
-            from . import artifact
+        with exit_signals_raise(), ArtifactWriter(out) as w:
+            fp32 = export_isolated(folder, key_map, overrides, w.work, lift_mode, opset, stages, lift_code=_lift_code)
+            with stages("precision"):
+                convert_precision(fp32, w, precision)
+            with stages("files"):
+                from . import artifact
 
-            artifact.write_config(staging, cfg)
-            artifact.write_generation_config(staging, cfg, folder)
-            artifact.copy_tokenizer(staging, folder)
-            artifact.write_genai_config(staging, cfg, provider)
-        kv_info = {"file": None, "reason": "--no-kv-graph"}
-        if kv_graph:
-            with stages("kv graph"):
-                kv_info = write_kv(staging, log)
-        parity, verified, passed = {"skipped": "--no-verify"}, [], True
-        if verify:
-            from .progress import Bar
-            from .verify import expectations, gate_units, run_gate
+                artifact.write_config(w, cfg)
+                artifact.write_generation_config(w, cfg, folder)
+                artifact.copy_tokenizer(w, folder)
+                artifact.write_genai_config(w, cfg, provider)
+            kv_info = {"file": None, "reason": "--no-kv-graph"}
+            if kv_graph:
+                with stages("kv graph"):
+                    kv_info = write_kv(w)
+            parity, verified, passed = {"skipped": "--no-verify"}, [], True
+            if verify:
+                from .progress import Bar
+                from .verify import expectations, gate_units, run_gate
 
-            bar = Bar("verify", gate_units(cfg, kv_graph=kv_info["file"] is not None),
-                      enabled=progress and sys.stderr.isatty())
-            with stages("verify", heartbeat=not bar.enabled):
-                vprov = verify_providers(provider, log)
-                lm = load_reference(folder, key_map, overrides)
-                expected = expectations(lm, staging, log, bar=bar)
-                del lm  # the reference's weights go before ONNX Runtime loads the artifact's copy
-                gc.collect()
-                report = run_gate(staging, expected, precision, vprov, log, bar=bar)
-                bar.close()
-            log(report.table())
-            parity, passed = report.to_dict(), report.passed
-            verified = [report.provider] if passed else []
-        with stages("manifest"):
-            artifact.write_manifest(staging, cfg=cfg, source_info=source_info, source=folder, mode=code,
-                                    precision=precision, opset=opset, providers_verified=verified, parity=parity,
-                                    stages=stages.seconds, kv_graph=kv_info)
-        if not passed:
-            failed = artifact.keep_failed(staging, out)
-            bad = ", ".join(c["name"] for c in parity["checks"] if c["required"] and not c["passed"])
-            raise ExportError(f"parity gate failed ({bad}); nothing was written to {out}. The failed artifact and its "
-                              f"report (manifest.json -> parity) are in {failed}")
-        artifact.move_into_place(staging, out)
+                bar = Bar("verify", gate_units(cfg, kv_graph=kv_info["file"] is not None),
+                          enabled=progress and sys.stderr.isatty())
+                with stages("verify", heartbeat=not bar.enabled):
+                    vprov = verify_providers(provider, log)
+                    lm = load_reference(folder, key_map, overrides)
+                    expected = expectations(lm, w.folder, log, bar=bar)
+                    del lm  # the reference's weights go before ONNX Runtime loads the artifact's copy
+                    gc.collect()
+                    report = run_gate(w.folder, expected, precision, vprov, log, bar=bar)
+                    bar.close()
+                log(report.table())
+                parity, passed = report.to_dict(), report.passed
+                verified = [report.provider] if passed else []
+            with stages("manifest"):
+                artifact.write_manifest(w, cfg=cfg, source_info=source_info, source=folder, lift_mode=lift_mode,
+                                        precision=precision, opset=opset, providers_verified=verified, parity=parity,
+                                        stages=stages.seconds, kv_graph=kv_info)
+            if not passed:
+                failed = w.keep_failed()
+                bad = ", ".join(c["name"] for c in parity["checks"] if c["required"] and not c["passed"])
+                raise ExportError(f"parity gate failed ({bad}); nothing was written to {out}. The failed artifact and "
+                                  f"its report (manifest.json -> parity) are in {failed}")
+            w.commit()
     except ExportError:
         raise
     except KeyboardInterrupt:
         raise
+    except OSError as e:
+        full = disk_full_error(e, e.filename or out)
+        if full is not None:
+            raise full from None
+        raise ExportError(f"export failed writing {e.filename or out} ({type(e).__name__}: {e.strerror or e}); "
+                          f"nothing was written to {out}. Rerun with --debug for the traceback") from e
     except Exception as e:
         raise ExportError(f"export failed in an unexpected place ({type(e).__name__}: {str(e).strip()[:300]}); "
                           f"nothing was written to {out}. Rerun with --debug for the traceback") from e
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
     log(f"[export] wrote {out} ({sum(stages.seconds.values()):.1f} s)")
     return out
 

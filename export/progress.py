@@ -1,4 +1,5 @@
-"""A one-line progress bar for the exporter's long stages, drawn only on a terminal.
+"""How the exporter shows progress: `Stages` (timed stage lines, a heartbeat) and `Bar`, a one-line
+progress bar for the long stages, drawn only on a terminal.
 
 Why its own 40 lines and not tqdm: the runtime's users never see it, the exporter needs exactly
 one bar at a time, and in logs (CI, pipes) a bar is noise: there the stage heartbeat lines speak.
@@ -6,7 +7,10 @@ one bar at a time, and in logs (CI, pipes) a bar is noise: there the stage heart
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
 WIDTH = 28
@@ -44,3 +48,29 @@ class NoBar(Bar):
 
     def __init__(self) -> None:
         super().__init__("", 1, enabled=False)
+
+
+class Stages:
+    """Prints `stage ... s` lines and keeps the timings for the manifest; a heartbeat for long stages."""
+
+    def __init__(self, log: Callable[[str], None], heartbeat_s: float = 15.0):
+        self.log, self.heartbeat_s, self.seconds = log, heartbeat_s, {}
+
+    @contextmanager
+    def __call__(self, name: str, heartbeat: bool = True) -> Iterator[None]:
+        """`heartbeat=False` where a progress bar already shows the stage moving."""
+        t0 = time.perf_counter()
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.heartbeat_s):
+                self.log(f"  ... {name} still running ({time.perf_counter() - t0:.0f} s)")
+
+        if heartbeat:
+            threading.Thread(target=beat, daemon=True).start()
+        try:
+            yield
+        finally:
+            done.set()
+            self.seconds[name] = time.perf_counter() - t0
+        self.log(f"[export] {name:<10} {self.seconds[name]:7.2f} s")

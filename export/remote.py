@@ -89,6 +89,42 @@ def folder_auto_map(folder: Path) -> dict:
     return auto_map if isinstance(auto_map, dict) else {}
 
 
+def remote_code_files(folder: Path) -> list[str]:
+    """The folder's .py files that --trust-remote-code runs: the auto_map's modules and, transitively,
+    the folder's modules they import (`from .x import`, `import x`, `from x import` with x.py in the folder).
+
+    Read with `ast`, never imported, so it can be said before anything runs.
+    """
+    import ast
+
+    folder = Path(folder)
+    todo = []
+    for ref in folder_auto_map(folder).values():
+        for r in ref if isinstance(ref, list) else [ref]:
+            if isinstance(r, str) and "." in r:
+                todo.append(r.split("--")[-1].rsplit(".", 1)[0])  # "repo--modeling_x.Cls" -> modeling_x
+    found: list[str] = []
+    while todo:
+        mod = todo.pop(0)
+        name = mod.replace(".", "/") + ".py"
+        path = folder / name
+        if name in found or not path.is_file():
+            continue
+        found.append(name)
+        try:
+            tree = ast.parse(path.read_text(errors="replace"))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                todo.append(node.module)
+            elif isinstance(node, ast.ImportFrom):  # from . import x
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+    return found
+
+
 def load_remote_model(folder: Path):
     """The folder's own model, fp32, eval, through transformers with its code; errors made readable."""
     try:

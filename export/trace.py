@@ -17,9 +17,8 @@ import torch
 import torch.nn as nn
 
 from reference.model import TableFreeLM
-from runtime.interface import ATTENTION_MASK, LOGITS, POSITION_IDS, past_names, present_names
+from runtime.interface import ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, POSITION_IDS, past_names, present_names
 
-INPUTS_EMBEDS = "inputs_embeds"
 DEFAULT_OPSET = 21  # loads in onnxruntime >= 1.17; LayerNormalization is in the default domain
 # the vocabulary head is traced as column blocks of at most this many bytes (see SplitHead)
 HEAD_CHUNK_BYTES = 32 * 2**20

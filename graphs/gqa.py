@@ -44,9 +44,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs.optimize import remove_dead, rotary_caches
+from .maps import consumers, producers
+from .optimize import remove_dead, rotary_caches
 from runtime.interface import (
     ATTENTION_MASK,
+    BATCH_DIM,
     CONFIG_FILE,
     DATA_FILE,
     INPUT_IDS,
@@ -69,14 +71,6 @@ PREFIX = "/model/gqa"
 
 class GQAError(ValueError):
     pass
-
-
-def _consumers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
-    return users
 
 
 def _head_split_source(start: str, prod: dict[str, onnx.NodeProto], stop: set[str]) -> tuple[str, str]:
@@ -131,25 +125,16 @@ def _scale(mm: onnx.NodeProto, users, inits: dict[str, onnx.TensorProto]) -> flo
     return None
 
 
-CACHE_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
-
-
 def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int, rope_theta: float,
-           rope_interleaved: bool, cache_dtype: str = "float32") -> onnx.ModelProto:
+           rope_interleaved: bool) -> onnx.ModelProto:
     """Rewrite a finished SPEC 3 artifact graph (fp32, int8 or int4: the projections are found by
     the head split that follows them, whatever op they became) into the shared-buffer graph.
-    Returns a new ModelProto; the input is left untouched. fp16 caches are refused.
+    Returns a new ModelProto; the input is left untouched. Graphs with fp16 caches are refused.
 
     Load the source with `onnx.load(path, load_external_data=False)`: the initializers keep their
     external references into `model.onnx.data`, so the new file holds no weight bytes.
     `max_len` is the longest context the graph serves (rows of the rotary caches).
-    `cache_dtype="float16"` runs attention in float16 (q/k/v cast in, the output cast back), so the
-    cache holds half the bytes: at long contexts the cache, not the weights, bounds an int4/int8
-    decode step. Not for fp32 artifacts, whose parity bound is float32-exact.
     """
-    if cache_dtype not in CACHE_DTYPES:
-        raise GQAError(f"cache_dtype {cache_dtype!r}: choose one of {', '.join(CACHE_DTYPES)}")
-    half = cache_dtype == "float16"
     if head_size % 16:
         raise GQAError(f"head_size {head_size} is not a multiple of 16, which ONNX Runtime's GroupQueryAttention "
                        "needs with rotary caches; serve this model with model.onnx")
@@ -167,14 +152,12 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
     if dtype != TensorProto.FLOAT:
         raise GQAError("the shared-cache graph is built from float32 graphs only; this graph's cache is "
                        f"{TensorProto.DataType.Name(dtype)}")
-    cache_type = CACHE_DTYPES[cache_dtype]
     inits = {t.name: t for t in g.initializer}
     cos_name, sin_name = f"{PREFIX}/cos_cache", f"{PREFIX}/sin_cache"
     rotary_used = False
 
     for i in range(layers):
-        prod = {o: n for n in g.node for o in n.output}
-        users = _consumers(g)
+        prod, users = producers(g), consumers(g)
         pk, pv = PAST_KEY.format(i=i), PAST_VALUE.format(i=i)
         ok, ov = PRESENT_KEY.format(i=i), PRESENT_VALUE.format(i=i)
         kc, vc = prod.get(ok), prod.get(ov)
@@ -204,37 +187,21 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
         if scale is not None and abs(scale * np.sqrt(head_size) - 1.0) > 1e-6:
             attrs["scale"] = scale
         base = f"/model/layers.{i}/attn"
-        casts_in: list[onnx.NodeProto] = []
-        if half:  # attention in float16: q/k/v cast in, the output cast back to the residual's float32
-            for tag, name in (("q", q_bsd), ("k", k_bsd), ("v", v_bsd)):
-                casts_in.append(helper.make_node("Cast", [name], [f"{base}/{tag}_fp16"], to=TensorProto.FLOAT16,
-                                                 name=f"{base}/{tag}_Cast"))
-            q_in, k_in, v_in = (c.output[0] for c in casts_in)
-        else:
-            q_in, k_in, v_in = q_bsd, k_bsd, v_bsd
-        gqa_in = [q_in, k_in, v_in, pk, pv, SEQLENS_K, TOTAL_SEQUENCE_LENGTH]
+        gqa_in = [q_bsd, k_bsd, v_bsd, pk, pv, SEQLENS_K, TOTAL_SEQUENCE_LENGTH]
         if rotary[0]:
             attrs.update(do_rotary=1, rotary_interleaved=int(rope_interleaved))
             gqa_in += [cos_name, sin_name]
             rotary_used = True
-        y_gqa = f"{base}/y_fp16" if half else y
-        node = helper.make_node("GroupQueryAttention", gqa_in, [y_gqa, ok, ov], domain="com.microsoft",
+        node = helper.make_node("GroupQueryAttention", gqa_in, [y, ok, ov], domain="com.microsoft",
                                 name=f"{base}/GroupQueryAttention", **attrs)
         # the new node takes the old Reshape's place: its inputs' producers all precede that one
         g.node.remove(kc)
         g.node.remove(vc)
         at = list(g.node).index(t)
         g.node[at].CopyFrom(node)
-        for k, c in enumerate(casts_in):
-            g.node.insert(at + k, c)
-        if half:
-            g.node.insert(at + len(casts_in) + 1,
-                          helper.make_node("Cast", [y_gqa], [y], to=TensorProto.FLOAT, name=f"{base}/y_Cast"))
 
     if rotary_used:
         cos, sin = rotary_caches(head_size, rope_theta, max_len)
-        if half:
-            cos, sin = cos.astype(np.float16), sin.astype(np.float16)
         g.initializer.extend([numpy_helper.from_array(cos, cos_name), numpy_helper.from_array(sin, sin_name)])
     remove_dead(g)
 
@@ -247,15 +214,15 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
     old = list(g.input)
     del g.input[:]
     g.input.append(next(x for x in old if x.name == INPUT_IDS))
-    g.input.append(helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch"]))
+    g.input.append(helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [BATCH_DIM]))
     g.input.append(helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []))
     for j in range(layers):
         for name in (PAST_KEY.format(i=j), PAST_VALUE.format(i=j)):
-            g.input.append(helper.make_tensor_value_info(name, cache_type, ["batch", num_heads, MAX_LEN_DIM, head_size]))
+            g.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [BATCH_DIM, num_heads, MAX_LEN_DIM, head_size]))
     g.input.extend(x for x in old if x.name == LOGITS_TO_KEEP)
     for out in g.output:
         if out.name != LOGITS:
-            out.CopyFrom(helper.make_tensor_value_info(out.name, cache_type, ["batch", num_heads, MAX_LEN_DIM, head_size]))
+            out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.FLOAT, [BATCH_DIM, num_heads, MAX_LEN_DIM, head_size]))
     if not any(o.domain == "com.microsoft" for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _check_order(g)
@@ -290,33 +257,21 @@ def kv_params(folder: str | os.PathLike) -> dict:
                 rope_interleaved=cfg.get("rope_pairing", "rotate_half") == "interleaved")
 
 
-def write_kv_graph(folder: str | os.PathLike, out_name: str = KV_MODEL_FILE, **params) -> Path:
-    """Read `folder/model.onnx` (weights left on disk), write `folder/out_name` beside it.
+def kv_graph(folder: str | os.PathLike, **params) -> onnx.ModelProto:
+    """The shared-buffer graph of the artifact in `folder` (its model.onnx; weights left on disk).
 
-    `params` are to_gqa's model arguments; missing ones come from `folder/config.json`. The new
-    file references the same `model.onnx.data` by its relative name, so it must live in the same
-    folder. Written to a temp name and renamed into place.
+    `params` override to_gqa's model arguments read from `folder/config.json`. The result
+    references the same `model.onnx.data` by its relative name, so it is written (by the caller:
+    export.writer) into the same folder, as KV_MODEL_FILE.
     """
     folder = Path(folder)
-    args = {**kv_params(folder), **params} if set(params) != _PARAMS else params
     src = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
-    kv = to_gqa(src, **args)
+    kv = to_gqa(src, **{**kv_params(folder), **params})
     files = external_files(kv)
     if files - {DATA_FILE}:
         raise GQAError(f"{folder / MODEL_FILE} points into {sorted(files)}, expected only {DATA_FILE}")
-    dst = folder / out_name
-    tmp = folder / f".{out_name}.tmp"
-    try:
-        with open(tmp, "wb") as f:  # plain serialization: onnx.save would look at external data
-            f.write(kv.SerializeToString())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dst
+    return kv
 
 
-_PARAMS = {"num_heads", "head_size", "max_len", "rope_theta", "rope_interleaved"}
-
-
-__all__ = ["to_gqa", "write_kv_graph", "kv_params", "external_files", "GQAError", "KV_MODEL_FILE", "SEQLENS_K",
+__all__ = ["to_gqa", "kv_graph", "kv_params", "external_files", "GQAError", "KV_MODEL_FILE", "SEQLENS_K",
            "TOTAL_SEQUENCE_LENGTH", "MAX_LEN_DIM"]

@@ -12,6 +12,8 @@ Recoding c~ = (A c + b) mod 2 is a float MatMul with A^T, Add b, Mod 2: every in
 small integer (<= K + 1), so float32 is exact. No step holds a V x d constant: bitwise/arith carry
 about K*K + K values, lookup V*K bits. Node names say which part of the lift they are
 (`/model/embed/lift/bits/BitShift`, ...), so a profiler or a graph viewer shows where time goes.
+About 400 lines: building, splicing, extracting and checking the lift belong together, since each
+check reads the graph the builder wrote.
 """
 from __future__ import annotations
 
@@ -23,10 +25,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from reference.config import CodeConfig
-from runtime.interface import INPUT_IDS, LIFT_MODES
+from runtime.interface import INPUT_IDS, INPUTS_EMBEDS, LIFT_MODES
 
-LIFT_TENSOR = "inputs_embeds"  # the lift's output and the traced body's first input
-lift_tensor_name = LIFT_TENSOR
+from .maps import consumers, producers
 PREFIX = "/model/embed/lift"
 MIN_OPSET = {"bitwise": 18, "arith": 13, "lookup": 13}  # BitwiseAnd is opset 18; Unsqueeze axes-as-input 13
 
@@ -150,7 +151,7 @@ def _check(code: CodeConfig, width: int, mode: str, opset: int) -> None:
 
 
 def lift_nodes(code: CodeConfig, width: int, mode: str, opset: int, vocab_size: int | None = None,
-               ids: str = INPUT_IDS, out: str = LIFT_TENSOR) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+               ids: str = INPUT_IDS, out: str = INPUTS_EMBEDS) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The lift as (nodes, initializers) reading `ids` and writing `out`: what both entry points share."""
     _check(code, width, mode, opset)
     V = vocab_size if vocab_size is not None else 1 << code.bits
@@ -184,7 +185,7 @@ def build_lift_graph(code: CodeConfig, width: int, mode: str, opset: int,
     graph = helper.make_graph(
         nodes, f"lift_{mode}",
         [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info(LIFT_TENSOR, TensorProto.FLOAT, ["batch", "seq", width])],
+        [helper.make_tensor_value_info(INPUTS_EMBEDS, TensorProto.FLOAT, ["batch", "seq", width])],
         initializer=inits,
     )
     model = _model(graph, opset)
@@ -207,19 +208,19 @@ def attach_lift(body: onnx.ModelProto, code: CodeConfig, mode: str, vocab_size: 
     their order; input_ids comes first, with the body's own batch / seq dimension names.
     """
     g = body.graph
-    if not g.input or g.input[0].name != LIFT_TENSOR:
+    if not g.input or g.input[0].name != INPUTS_EMBEDS:
         first = g.input[0].name if g.input else None
-        raise LiftGraphError(f"the body's first input is {first!r}, expected {LIFT_TENSOR!r}; trace the body on inputs_embeds")
+        raise LiftGraphError(f"the body's first input is {first!r}, expected {INPUTS_EMBEDS!r}; trace the body on inputs_embeds")
     emb = g.input[0]
     dims = emb.type.tensor_type.shape.dim
     if len(dims) != 3 or not dims[2].HasField("dim_value"):
-        raise LiftGraphError(f"{LIFT_TENSOR} must be [batch, seq, d] with a fixed d; got {onnx.helper.printable_value_info(emb)}")
+        raise LiftGraphError(f"{INPUTS_EMBEDS} must be [batch, seq, d] with a fixed d; got {onnx.helper.printable_value_info(emb)}")
     width = int(dims[2].dim_value)
     if any(i.name == INPUT_IDS for i in g.input):
         raise LiftGraphError(f"the body already has an input named {INPUT_IDS!r}")
     nodes, inits = lift_nodes(code, width, mode, _default_opset(body), vocab_size)
     taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
-    clash = sorted(taken & ({t.name for t in inits} | {o for n in nodes for o in n.output if o != LIFT_TENSOR}))
+    clash = sorted(taken & ({t.name for t in inits} | {o for n in nodes for o in n.output if o != INPUTS_EMBEDS}))
     if clash:
         raise LiftGraphError(f"the body already defines {clash[:3]}: it seems to have a lift attached already")
 
@@ -234,21 +235,17 @@ def attach_lift(body: onnx.ModelProto, code: CodeConfig, mode: str, vocab_size: 
     del g.node[:]
     g.node.extend([*nodes, *body_nodes])  # lift first keeps the graph topologically sorted
     g.initializer.extend(inits)
-    g.value_info.append(helper.make_tensor_value_info(LIFT_TENSOR, TensorProto.FLOAT, [dims[0].dim_param or None,
+    g.value_info.append(helper.make_tensor_value_info(INPUTS_EMBEDS, TensorProto.FLOAT, [dims[0].dim_param or None,
                                                                                        dims[1].dim_param or None, width]))
     return body
 
 
 # -- reading the lift back out of a full model ---------------------------------------------------
 
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in graph.node for o in n.output}
-
-
-def lift_cone(model: onnx.ModelProto, out: str = LIFT_TENSOR) -> tuple[list[onnx.NodeProto], set[str]]:
+def lift_cone(model: onnx.ModelProto, out: str = INPUTS_EMBEDS) -> tuple[list[onnx.NodeProto], set[str]]:
     """Every node that `out` depends on (topological order) and the graph inputs it reads."""
     g = model.graph
-    prod = _producers(g)
+    prod = producers(g)
     if out not in prod:
         raise LiftGraphError(f"no node produces {out!r}; this model has no attached lift (or a pass renamed it)")
     graph_inputs = {i.name for i in g.input}
@@ -268,7 +265,7 @@ def lift_cone(model: onnx.ModelProto, out: str = LIFT_TENSOR) -> tuple[list[onnx
     return nodes, inputs
 
 
-def extract_lift(model: onnx.ModelProto, base_dir: str | Path | None = None, out: str = LIFT_TENSOR) -> onnx.ModelProto:
+def extract_lift(model: onnx.ModelProto, base_dir: str | Path | None = None, out: str = INPUTS_EMBEDS) -> onnx.ModelProto:
     """The lift of a full model as a standalone input_ids -> inputs_embeds model (for the exhaustive check).
 
     Copies only the lift's own constants; if the model was loaded without external data, those
@@ -361,16 +358,15 @@ def check_no_vocab_table(model: onnx.ModelProto, vocab_size: int, width: int, bi
     K = bits if bits is not None else code_width(vocab_size)
     g = model.graph
     consts = _constants(g)
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for n in g.node:
-        for idx, i in enumerate(n.input):
-            consumers.setdefault(i, []).append((n, idx))
+    readers = consumers(g)
 
-    def gathered(name: str, depth: int = 0) -> bool:
-        for n, idx in consumers.get(name, []):
-            if n.op_type in _GATHERS and idx == 0:
+    def gathered(name: str, depth: int = 0) -> bool:  # read as the data input (0) of a Gather, maybe via casts
+        for n in readers.get(name, []):
+            if n.input[0] != name:
+                continue
+            if n.op_type in _GATHERS:
                 return True
-            if n.op_type in _PASS_THROUGH and idx == 0 and depth < 8 and any(gathered(o, depth + 1) for o in n.output):
+            if n.op_type in _PASS_THROUGH and depth < 8 and any(gathered(o, depth + 1) for o in n.output):
                 return True
         return False
 
@@ -400,8 +396,6 @@ def check_no_vocab_table(model: onnx.ModelProto, vocab_size: int, width: int, bi
 
 
 __all__ = [
-    "LIFT_TENSOR",
-    "lift_tensor_name",
     "LiftGraphError",
     "build_lift_graph",
     "attach_lift",

@@ -16,7 +16,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import numpy as np
 
-from runtime.interface import LOGITS, LOGITS_TO_KEEP, POSITION_IDS
+from runtime.interface import (ATTENTION_MASK, BATCH_DIM, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, PAST_KEY, PAST_SEQUENCE_DIM,
+                               POSITION_IDS, PRESENT_KEY, SEQUENCE_DIM, TOTAL_SEQUENCE_DIM)
+
+from .maps import consumers, producers
 
 PREFIX = "/model/logits_to_keep"
 ROT = "/model/rotary"
@@ -27,19 +30,16 @@ class OptimizeError(ValueError):
     pass
 
 
-def _producer(graph: onnx.GraphProto, name: str) -> onnx.NodeProto | None:
-    return next((n for n in graph.node if name in n.output), None)
-
-
 def head_matmuls(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """The MatMul(s) of the vocabulary head: the one writing `logits`, or the column blocks a
     Concat joins into `logits` (export.trace.SplitHead); [] when the graph has another shape."""
-    head = _producer(graph, LOGITS)
+    prod = producers(graph)
+    head = prod.get(LOGITS)
     if head is not None and head.op_type == "MatMul":
         return [head]
     if head is None or head.op_type != "Concat":
         return []
-    parts = [_producer(graph, name) for name in head.input]
+    parts = [prod.get(name) for name in head.input]
     if not parts or any(p is None or p.op_type != "MatMul" for p in parts):
         return []
     if len({p.input[0] for p in parts}) != 1:
@@ -57,19 +57,20 @@ def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
     if any(i.name == LOGITS_TO_KEEP for i in g.input):
         raise OptimizeError(f"the graph already has an input {LOGITS_TO_KEEP!r}")
     heads = head_matmuls(g)
+    prod = producers(g)
     if not heads:
-        found = _producer(g, LOGITS)
+        found = prod.get(LOGITS)
         raise OptimizeError(f"{LOGITS} is not produced by a MatMul or a Concat of MatMuls (got "
                             f"{found.op_type if found else None}); cannot find the head")
     head = heads[0]
     # walk back from the head's activation input to the first node that is still per position only
-    node = _producer(g, head.input[0])
+    node = prod.get(head.input[0])
     seen = 0
     while node is not None and node.op_type not in _NORMS and seen < 8:
         # RMSNorm traced as Pow/ReduceMean/Add/Sqrt/Div/Mul: follow the first non-constant input
         consts = {t.name for t in g.initializer}
         nxt = [i for i in node.input if i and i not in consts]
-        node = _producer(g, nxt[0]) if nxt else None
+        node = prod.get(nxt[0]) if nxt else None
         seen += 1
     if node is None or node.op_type not in _NORMS:
         raise OptimizeError("no LayerNormalization found in front of the head; the final norm is not a fused op here")
@@ -79,7 +80,7 @@ def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
     ends, axes = f"{PREFIX}/ends", f"{PREFIX}/axes"
     # every reader of `hidden` that lies on the head's path reads the sliced tensor; the norm is the
     # only one (the residual stream ends here), which the check below makes sure of
-    readers = [n for n in g.node if hidden in n.input]
+    readers = consumers(g).get(hidden, [])
     if readers != [node]:
         raise OptimizeError(f"the final norm's input {hidden!r} has other readers {[n.name for n in readers if n is not node]}")
     node.input[0] = kept
@@ -99,12 +100,50 @@ def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
     stale = set(node.output)  # shapes inferred with seq positions; shape inference redoes them
     for vi in [v for v in g.value_info if v.name in stale]:
         g.value_info.remove(vi)
-    for out in g.output:  # logits: [batch, kept, V]; the seq axis is no longer the input's seq
-        if out.name == LOGITS:
-            dims = out.type.tensor_type.shape.dim
-            if len(dims) == 3:
-                dims[1].Clear()
-                dims[1].dim_param = "kept_seq"
+    return model
+
+
+def _set_dims(vi: onnx.ValueInfoProto, names: dict[int, str]) -> None:
+    dims = vi.type.tensor_type.shape.dim
+    for axis, name in names.items():
+        if axis < len(dims):
+            dims[axis].Clear()
+            dims[axis].dim_param = name
+
+
+def name_dims(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give the graph's inputs and outputs optimum's dimension names (runtime/interface.py); in place.
+
+    By role, not by what the tracer called them: input_ids / position_ids [batch_size,
+    sequence_length], attention_mask [batch_size, past_sequence_length + sequence_length], past
+    [batch_size, H, past_sequence_length, hs], present [batch_size, H, past_sequence_length +
+    sequence_length, hs], logits [batch_size, sequence_length, V] (its size with the default
+    logits_to_keep = 0; a caller that feeds N gets N rows). Inner value_info follows the renaming
+    of the input names it used. Names only: no node changes.
+    """
+    g = model.graph
+    want: dict[str, dict[int, str]] = {INPUT_IDS: {0: BATCH_DIM, 1: SEQUENCE_DIM},
+                                       POSITION_IDS: {0: BATCH_DIM, 1: SEQUENCE_DIM},
+                                       ATTENTION_MASK: {0: BATCH_DIM, 1: TOTAL_SEQUENCE_DIM},
+                                       LOGITS: {0: BATCH_DIM, 1: SEQUENCE_DIM}}
+    past_prefix, present_prefix = PAST_KEY.split("{")[0], PRESENT_KEY.split("{")[0]
+    rename: dict[str, str] = {}
+    for vi in [*g.input, *g.output]:
+        if vi.name.startswith(past_prefix):
+            want[vi.name] = {0: BATCH_DIM, 2: PAST_SEQUENCE_DIM}
+        elif vi.name.startswith(present_prefix):
+            want[vi.name] = {0: BATCH_DIM, 2: TOTAL_SEQUENCE_DIM}
+        dims = vi.type.tensor_type.shape.dim
+        for axis, name in want.get(vi.name, {}).items():
+            if axis < len(dims) and dims[axis].dim_param:
+                rename.setdefault(dims[axis].dim_param, name)
+    for vi in [*g.input, *g.output]:
+        if vi.name in want:
+            _set_dims(vi, want[vi.name])
+    for vi in g.value_info:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
     return model
 
 
@@ -125,11 +164,7 @@ def fuse_rotary(model: onnx.ModelProto, num_heads: int, head_size: int, theta: f
     rope_pairing rotate_half; anything else is left alone. Returns the number fused.
     """
     g = model.graph
-    prod = {o: n for n in g.node for o in n.output}
-    users: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    prod, users = producers(g), consumers(g)
     drop: set[int] = set()
     new: dict[int, onnx.NodeProto] = {}
     count = 0
@@ -168,19 +203,11 @@ def fuse_rotary(model: onnx.ModelProto, num_heads: int, head_size: int, theta: f
     g.initializer.extend([numpy_helper.from_array(cos_c, f"{ROT}/cos_cache"), numpy_helper.from_array(sin_c, f"{ROT}/sin_cache")])
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    # dead nodes (the old cos/sin computations)
-    outputs = {o.name for o in g.output}
-    while True:
-        used = {i for n in g.node for i in n.input} | outputs
-        dead = [n for n in g.node if not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for d in dead:
-            g.node.remove(d)
+    remove_dead(g)  # the old cos/sin computations
     return count
 
 
-__all__ = ["add_logits_to_keep", "fuse_rotary", "rotary_caches", "OptimizeError", "PREFIX"]
+__all__ = ["add_logits_to_keep", "name_dims", "fuse_rotary", "rotary_caches", "OptimizeError", "PREFIX"]
 
 
 def remove_dead(g: onnx.GraphProto) -> None:
@@ -189,7 +216,7 @@ def remove_dead(g: onnx.GraphProto) -> None:
     Why here and not in onnx-ir: the passes that call it work on protobuf whose weights stay in
     their data file, and a leftover initializer makes ONNX Runtime warn at every session load.
     """
-    prod = {o: n for n in g.node for o in n.output}
+    prod = producers(g)
     live: set[int] = set()
     stack = [o.name for o in g.output]
     seen: set[str] = set()

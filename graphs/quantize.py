@@ -1,25 +1,24 @@
-"""Precision passes on a saved fp32 model (model file + external data) -> a new model file.
+"""Precision passes on a saved fp32 model (model file + external data) -> a new in-memory model.
 
-All three use ONNX Runtime's own tools, so the result is what ORT's kernels expect:
+Both use ONNX Runtime's own tools, so the result is what ORT's kernels expect:
 - `to_fp16`: `onnxruntime.transformers.float16`, with the usual fp16 overflow spots kept in fp32
   (LayerNorm, Softmax, the residual adds, the norm statistics) and the lift kept exact;
-- `quantize_int8`: dynamic quantization of MatMul weights (DynamicQuantizeLinear + MatInteger),
-  QUInt8 by default (signed int8 without reduce_range is wrong on AVX2 CPUs without VNNI);
-- `quantize_int4`: weight-only MatMulNBits (block-wise, symmetric), lm_head included.
-The lift's nodes are never quantized or converted: its recoding MatMul must stay exact.
+- `quantize_nbits`: weight-only block-wise MatMulNBits (int8 or int4 weights, lm_head included,
+  optionally at its own width).
+The lift's nodes are never quantized or converted: its recoding MatMul must stay exact. Each pass
+returns (model with its weights in memory, a report); the caller writes it (export.writer).
 """
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 from onnx import TensorProto
 
-from .lift import LIFT_TENSOR, PREFIX, LiftGraphError, lift_cone
+from runtime.interface import INPUTS_EMBEDS
+
+from .lift import PREFIX, LiftGraphError, lift_cone
+from .maps import producers
 
 # Ops kept in fp32 by to_fp16: normalization and softmax overflow or lose too much in fp16; the
 # RMSNorm statistics (Pow, ReduceMean, Sqrt, Reciprocal) overflow when activations exceed ~256.
@@ -29,45 +28,11 @@ FP32_OPS = [
 ]
 
 
-def _no_external_refs_left(model: onnx.ModelProto) -> list[str]:
-    return [t.name for t in model.graph.initializer
-            if t.data_location == TensorProto.EXTERNAL and not t.HasField("raw_data")]
-
-
-def save_with_external_data(model: onnx.ModelProto, path: str | Path, data_name: str | None = None,
-                            base_dir: str | Path | None = None, size_threshold: int = 1024) -> Path:
-    """Write `path` + `data_name` (default `<path name>.data`) via a temp folder and renames.
-
-    A reader never sees a half-written pair. Tensors still in some other data file (a model loaded
-    with `load_external_data=False`) are read from `base_dir` first. The model's raw data moves
-    out to the file: afterwards the in-memory proto points at the saved data.
-    """
-    path = Path(path)
-    data_name = data_name or f"{path.name}.data"
-    missing = _no_external_refs_left(model)
-    if missing:
-        if base_dir is None:
-            raise ValueError(f"{len(missing)} tensors (e.g. {missing[0]!r}) are not loaded; pass base_dir "
-                             "(the folder of their data file) or load the model with its external data")
-        onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        onnx.save_model(model, tmp / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=size_threshold)
-        if (tmp / data_name).exists():
-            os.replace(tmp / data_name, path.parent / data_name)
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
 def lift_node_names(model: onnx.ModelProto) -> list[str]:
     """Names of the lift's nodes (by name prefix, and the cone of inputs_embeds when present)."""
     names = {n.name for n in model.graph.node if n.name.startswith(PREFIX + "/")}
     try:
-        names |= {n.name for n in lift_cone(model, LIFT_TENSOR)[0]}
+        names |= {n.name for n in lift_cone(model, INPUTS_EMBEDS)[0]}
     except LiftGraphError:
         pass
     return sorted(n for n in names if n)
@@ -81,7 +46,7 @@ def _load_light(src: Path) -> onnx.ModelProto:
 
 def _hidden_size(model: onnx.ModelProto) -> int | None:
     for vi in [*model.graph.value_info, *model.graph.input]:
-        if vi.name == LIFT_TENSOR:
+        if vi.name == INPUTS_EMBEDS:
             dims = vi.type.tensor_type.shape.dim
             return int(dims[-1].dim_value) if dims and dims[-1].dim_value else None
     return None
@@ -109,15 +74,17 @@ def residual_adds(model: onnx.ModelProto) -> list[str]:
     return out
 
 
-def to_fp16(src: str | Path, dst: str | Path, kv_fp16: bool = True, keep_fp32_ops: list[str] | None = None) -> dict:
+def to_fp16(src: str | Path, kv_fp16: bool = True,
+            keep_fp32_ops: list[str] | None = None) -> tuple[onnx.ModelProto, dict]:
     """fp16 weights and compute for CUDA; LayerNorm, Softmax, residual adds and the lift stay fp32.
 
     `kv_fp16`: past/present tensors become fp16 (half the cache traffic); logits stay fp32 either
-    way. The runtime reads the input types from the session. Returns what was kept in fp32.
+    way. The runtime reads the input types from the session. Returns the model and what was kept
+    in fp32.
     """
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    src, dst = Path(src), Path(dst)
+    src = Path(src)
     model = onnx.shape_inference.infer_shapes(_load_light(src))  # shapes only: weights stay on disk
     blocked_nodes = sorted(set(lift_node_names(model)) | set(residual_adds(model)))
     onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
@@ -135,8 +102,7 @@ def to_fp16(src: str | Path, dst: str | Path, kv_fp16: bool = True, keep_fp32_op
         model.graph.value_info.remove(v)
     _restore_lift_output(model)
     dropped = _drop_round_trip_casts(model)
-    save_with_external_data(model, dst)
-    return {"precision": "fp16", "round_trip_casts_removed": dropped, "fp32_ops": ops, "fp32_nodes": blocked_nodes, "fp32_io": keep_io,
+    return model, {"precision": "fp16", "round_trip_casts_removed": dropped, "fp32_ops": ops, "fp32_nodes": blocked_nodes, "fp32_io": keep_io,
             "kv_dtype": "float16" if kv_fp16 else "float32"}
 
 
@@ -155,20 +121,20 @@ def _restore_lift_output(model: onnx.ModelProto) -> None:
     """The converter renames the lift's fp32 output and makes `inputs_embeds` an fp16 Cast of it;
     give the name back to the fp32 tensor so extract_lift and the exhaustive check still find it."""
     g = model.graph
-    cast = next((n for n in g.node if LIFT_TENSOR in n.output), None)
+    cast = next((n for n in g.node if INPUTS_EMBEDS in n.output), None)
     if cast is None or _cast_to(cast) != TensorProto.FLOAT16:
         return
     src = cast.input[0]
-    half = LIFT_TENSOR + "_fp16"
-    _rename_input(model, LIFT_TENSOR, half)
+    half = INPUTS_EMBEDS + "_fp16"
+    _rename_input(model, INPUTS_EMBEDS, half)
     cast.output[0] = half
     for n in g.node:
         for k, o in enumerate(n.output):
             if o == src:
-                n.output[k] = LIFT_TENSOR
-    _rename_input(model, src, LIFT_TENSOR)
+                n.output[k] = INPUTS_EMBEDS
+    _rename_input(model, src, INPUTS_EMBEDS)
     for v in g.value_info:
-        if v.name == LIFT_TENSOR:
+        if v.name == INPUTS_EMBEDS:
             v.type.tensor_type.elem_type = TensorProto.FLOAT16
             v.name = half
 
@@ -177,12 +143,12 @@ def _drop_round_trip_casts(model: onnx.ModelProto) -> int:
     """Cast(fp32 -> fp16) followed by Cast(fp16 -> fp32) rounds a value the fp32 nodes meant to keep
     exact (the residual stream between two fp32 adds, the lift): feed the original fp32 tensor instead."""
     g = model.graph
-    prod = {o: n for n in g.node for o in n.output}
+    prod = producers(g)
     outputs = {o.name for o in g.output}
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
     types.update({t.name: t.data_type for t in g.initializer})
     types.update({n.output[0]: _cast_to(n) for n in g.node if n.op_type == "Cast"})
-    types[LIFT_TENSOR] = TensorProto.FLOAT
+    types[INPUTS_EMBEDS] = TensorProto.FLOAT
     dropped = 0
     for n in list(g.node):
         if _cast_to(n) != TensorProto.FLOAT or n.output[0] in outputs:
@@ -200,30 +166,6 @@ def _drop_round_trip_casts(model: onnx.ModelProto) -> int:
     return dropped
 
 
-def quantize_int8(src: str | Path, dst: str | Path, weight_type: str = "QUInt8", reduce_range: bool = False,
-                  per_channel: bool = False) -> dict:
-    """Dynamic int8 MatMul (lm_head included): weights int8, activations quantized per call.
-
-    weight_type "QUInt8", or "QInt8" with reduce_range=True; plain QInt8 saturates on AVX2 CPUs
-    without VNNI and gives wrong results there.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    src, dst = Path(src), Path(dst)
-    if weight_type == "QInt8" and not reduce_range:
-        logging.getLogger(__name__).warning("QInt8 without reduce_range overflows on CPUs without VNNI")
-    exclude = lift_node_names(_load_light(src))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".int8.", dir=dst.parent) as tmp:
-        out = Path(tmp) / dst.name
-        quantize_dynamic(src, out, op_types_to_quantize=["MatMul"], weight_type=QuantType[weight_type],
-                         reduce_range=reduce_range, per_channel=per_channel, nodes_to_exclude=exclude,
-                         use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
-        save_with_external_data(onnx.load(out), dst)
-    return {"precision": "int8", "weight_type": weight_type, "reduce_range": reduce_range,
-            "per_channel": per_channel, "excluded_nodes": exclude}
-
-
 def _head_nodes(model: onnx.ModelProto) -> list[str]:
     """The vocabulary head's MatMul node(s) (one, or its column blocks joined by a Concat)."""
     from .optimize import head_matmuls
@@ -231,8 +173,8 @@ def _head_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in head_matmuls(model.graph)]
 
 
-def quantize_nbits(src: str | Path, dst: str | Path, bits: int = 4, block_size: int = 32, accuracy_level: int = 4,
-                   is_symmetric: bool = True, head_bits: int | None = None) -> dict:
+def quantize_nbits(src: str | Path, bits: int = 4, block_size: int = 32, accuracy_level: int = 4,
+                   is_symmetric: bool = True, head_bits: int | None = None) -> tuple[onnx.ModelProto, dict]:
     """Weight-only block-wise MatMulNBits (bits 4 or 8) for every MatMul with a constant weight, lm_head included.
 
     accuracy_level 4 computes with int8 activations (fastest on CPU); 0/1 dequantize to fp32.
@@ -241,7 +183,7 @@ def quantize_nbits(src: str | Path, dst: str | Path, bits: int = 4, block_size: 
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    src, dst = Path(src), Path(dst)
+    src = Path(src)
     model = _load_light(src)
     exclude = lift_node_names(model)
     head = _head_nodes(model) if head_bits not in (None, bits) else []
@@ -258,17 +200,9 @@ def quantize_nbits(src: str | Path, dst: str | Path, bits: int = 4, block_size: 
         q.process()
         out = q.model.model
     out.graph.ClearField("value_info")  # stale fp32 shapes of replaced nodes confuse later passes
-    save_with_external_data(out, dst)
-    return {"precision": f"int{bits}", "method": "MatMulNBits", "bits": bits, "head_bits": head_bits or bits,
+    return out, {"precision": f"int{bits}", "method": "MatMulNBits", "bits": bits, "head_bits": head_bits or bits,
             "block_size": block_size, "accuracy_level": accuracy_level, "is_symmetric": is_symmetric,
             "excluded_nodes": exclude}
 
 
-def quantize_int4(src: str | Path, dst: str | Path, block_size: int = 32, accuracy_level: int = 4,
-                  is_symmetric: bool = True) -> dict:
-    """Weight-only 4-bit MatMulNBits for every MatMul with a constant weight, lm_head included."""
-    return quantize_nbits(src, dst, 4, block_size, accuracy_level, is_symmetric)
-
-
-__all__ = ["save_with_external_data", "lift_node_names", "residual_adds", "to_fp16", "quantize_int8",
-           "quantize_int4", "quantize_nbits", "FP32_OPS"]
+__all__ = ["lift_node_names", "residual_adds", "to_fp16", "quantize_nbits", "FP32_OPS"]

@@ -24,6 +24,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
+# the lift's output inside both graphs (not a graph input): the traced body's first input
+INPUTS_EMBEDS = "inputs_embeds"
 LOGITS = "logits"
 # optional input (default 0 = every position): logits only for the last N positions, so a prompt
 # skips the vocabulary head on positions whose logits nobody reads (graphs/optimize.py)
@@ -32,6 +34,13 @@ LOGITS_TO_KEEP = "logits_to_keep"
 # inputs of KV_MODEL_FILE instead of attention_mask / position_ids (GroupQueryAttention's own names)
 SEQLENS_K = "seqlens_k"  # int32 [batch]: tokens in the cache after this step, minus 1
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar: max over the batch of seqlens_k + 1
+
+# symbolic dimension names of the graphs' inputs and outputs, as optimum names them (its io binding
+# evaluates an output's names from the inputs' sizes, so no output carries a name no input defines)
+BATCH_DIM = "batch_size"
+SEQUENCE_DIM = "sequence_length"  # logits too: logits_to_keep=0 (the default) keeps every position
+PAST_SEQUENCE_DIM = "past_sequence_length"
+TOTAL_SEQUENCE_DIM = "past_sequence_length + sequence_length"  # attention_mask and present.*
 
 PAST_KEY = "past_key_values.{i}.key"
 PAST_VALUE = "past_key_values.{i}.value"

@@ -38,8 +38,8 @@ def tiny_artifacts(tmp_path_factory, tiny_ckpt):
     def get(mode: str = "bitwise", precision: str = "fp32") -> Path:
         key = (mode, precision)
         if key not in cache:
-            cache[key] = build(tiny_ckpt, root / f"tiny-{mode}-{precision}", code=mode, precision=precision,
-                               log=lambda msg: None)
+            cache[key] = build(tiny_ckpt, root / f"tiny-{mode}-{precision}", lift_mode=mode, precision=precision,
+                               kv_graph=precision != "fp16", log=lambda msg: None)
         return cache[key]
 
     return get

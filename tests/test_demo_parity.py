@@ -31,7 +31,7 @@ def demo_artifacts(tmp_path_factory):
 
     def get(mode: str):
         if mode not in cache:
-            cache[mode] = build(DEMO_MODEL_DIR, root / mode, code=mode, precision="fp32", log=lambda m: None)
+            cache[mode] = build(DEMO_MODEL_DIR, root / mode, lift_mode=mode, precision="fp32", log=lambda m: None)
         return cache[mode]
 
     return get
@@ -69,13 +69,13 @@ def test_demo_quantized_builds_meet_their_floors(tmp_path, precision):
     from export.build import build
     from export.floors import floors_for
 
-    folder = build(DEMO_MODEL_DIR, tmp_path / precision, code="arith", precision=precision, log=lambda m: None)
+    folder = build(DEMO_MODEL_DIR, tmp_path / precision, lift_mode="arith", precision=precision, log=lambda m: None)
     checks = {c["name"]: c for c in json.loads((folder / I.MANIFEST_FILE).read_text())["parity"]["checks"]}
     fl = floors_for(precision)
     assert checks["top-1 agreement"]["value"] >= fl["top1"]
     assert checks["perplexity ratio"]["value"] <= fl["ppl_ratio"]
 
-    fp32 = runtime.load(build(DEMO_MODEL_DIR, tmp_path / "fp32", code="arith", log=lambda m: None), provider="cpu")
+    fp32 = runtime.load(build(DEMO_MODEL_DIR, tmp_path / "fp32", lift_mode="arith", log=lambda m: None), provider="cpu")
     quant = runtime.load(folder, provider="cpu")
     text = fp32.generate("KING HENRY VI:\n", max_new_tokens=200, do_sample=True, temperature=0.8, seed=3).text
     ratio = quant.score(text).perplexity / fp32.score(text).perplexity

@@ -114,7 +114,7 @@ def test_gate_fails_on_wrong_b(tiny_ckpt, tmp_path):
     out = tmp_path / "broken"
     lines: list[str] = []
     with pytest.raises(ExportError) as err:
-        build(tiny_ckpt, out, code="arith", log=lines.append, _lift_code=wrong)
+        build(tiny_ckpt, out, lift_mode="arith", log=lines.append, _lift_code=wrong)
     msg = str(err.value)
     assert "parity gate failed" in msg and "lift exhaustive" in msg and ".failed" in msg
     assert not out.exists()

@@ -114,7 +114,7 @@ def test_failed_gate_keeps_old_artifact(tmp_path, tiny_ckpt, tiny_artifacts):
     wrong = type(cfg.code)(**{**cfg.code.to_dict(with_matrix=False), "A": cfg.code.A,
                               "b": np.asarray(cfg.code.b) ^ 1})
     with pytest.raises(ExportError, match="art.failed"):
-        build(tiny_ckpt, out, code="arith", force=True, log=lambda m: None, _lift_code=wrong)
+        build(tiny_ckpt, out, lift_mode="arith", force=True, log=lambda m: None, _lift_code=wrong)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert (tmp_path / "art.failed" / "manifest.json").is_file()
 

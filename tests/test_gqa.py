@@ -21,12 +21,14 @@ from graphs.gqa import (  # noqa: E402
     TOTAL_SEQUENCE_LENGTH,
     GQAError,
     external_files,
+    kv_graph,
     kv_params,
     to_gqa,
-    write_kv_graph,
 )
+from export.writer import atomic_write  # noqa: E402
 from runtime.interface import (  # noqa: E402
     ATTENTION_MASK,
+    BATCH_DIM,
     DATA_FILE,
     INPUT_IDS,
     LOGITS,
@@ -38,6 +40,11 @@ from runtime.interface import (  # noqa: E402
 )
 
 PROMPT_LEN, DECODE_STEPS = 11, 34
+
+
+def write_kv_graph(folder: Path) -> Path:
+    """What the build does (export.build.write_kv through the ArtifactWriter), on a test folder."""
+    return atomic_write(folder / KV_MODEL_FILE, kv_graph(folder).SerializeToString())
 
 
 def _copy_artifact(src: Path, dst: Path) -> Path:
@@ -58,10 +65,10 @@ def _session(path: Path):
 class KVStepper:
     """Batch-1 driver of the GQA graph: the cache buffers are allocated once and never copied."""
 
-    def __init__(self, folder: Path, layers: int, heads: int, head_size: int, max_len: int, dtype=np.float32):
+    def __init__(self, folder: Path, layers: int, heads: int, head_size: int, max_len: int):
         self.sess = _session(folder / KV_MODEL_FILE)
         self.layers = layers
-        self.bufs = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, max_len, head_size), dtype))
+        self.bufs = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, max_len, head_size), np.float32))
                      for _ in range(2 * layers)]
         self.length = 0  # tokens in the cache
         self.shared = True
@@ -135,7 +142,8 @@ def test_interface(kv_fp32):
     ins = {i.name: i for i in s.get_inputs()}
     assert list(ins) == [INPUT_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *past_names(layers)]
     assert ins[SEQLENS_K].type == "tensor(int32)" and ins[TOTAL_SEQUENCE_LENGTH].shape == []
-    assert ins[past_names(layers)[0]].shape == ["batch", H, "max_len", hs]
+    assert ins[past_names(layers)[0]].shape == [BATCH_DIM, H, "max_len", hs]
+    assert ins[SEQLENS_K].shape == [BATCH_DIM] and ins[INPUT_IDS].shape == [BATCH_DIM, "sequence_length"]
     assert LOGITS_TO_KEEP in {i.name for i in s.get_overridable_initializers()}
     assert [o.name for o in s.get_outputs()] == [LOGITS, *present_names(layers)]
     g = onnx.load(str(kv_fp32 / KV_MODEL_FILE), load_external_data=False).graph
@@ -271,8 +279,8 @@ def test_quantized_matches_its_spec_graph(tiny_artifacts, tmp_path, precision):
     MatMulNBits amplify ulp differences and only the quality matches (benchmarks/probe_gqa.py)."""
     folder = _copy_artifact(tiny_artifacts("bitwise", precision), tmp_path / precision)
     write_kv_graph(folder)
-    kv_graph = onnx.load(str(folder / KV_MODEL_FILE), load_external_data=False).graph
-    assert any(n.op_type == "MatMulNBits" for n in kv_graph.node)
+    kv = onnx.load(str(folder / KV_MODEL_FILE), load_external_data=False).graph
+    assert any(n.op_type == "MatMulNBits" for n in kv.node)
     layers, H, hs, max_len = _dims(folder)
     kv, spec = KVStepper(folder, layers, H, hs, max_len), SpecStepper(folder, layers, H, hs)
     a, b = kv.step(_prompt(2)), spec.step(_prompt(2))
@@ -293,29 +301,3 @@ def test_refuses_what_it_cannot_serve(kv_fp32):
     kv = onnx.load(str(kv_fp32 / KV_MODEL_FILE), load_external_data=False)
     with pytest.raises(GQAError, match="not a SPEC 3 artifact graph"):
         to_gqa(kv, **p)  # already rewritten: no attention_mask
-
-
-def test_float16_cache_halves_the_cache_and_stays_close(tiny_artifacts, tmp_path):
-    """cache_dtype="float16": fp16 buffers, past == present, logits within fp16 attention error of
-    the float32 SPEC graph over a prompt and 24 decode steps, greedy tokens the same."""
-    folder = _copy_artifact(tiny_artifacts("bitwise", "fp32"), tmp_path / "kv16")
-    write_kv_graph(folder, cache_dtype="float16")
-    layers, H, hs, _ = _dims(folder)
-    sess = _session(folder / KV_MODEL_FILE)
-    assert {i.type for i in sess.get_inputs() if i.name.startswith("past_key_values")} == {"tensor(float16)"}
-    kv = KVStepper(folder, layers, H, hs, PROMPT_LEN + 25, dtype=np.float16)
-    spec = SpecStepper(folder, layers, H, hs)
-    ids = _prompt()
-    got, want = kv.step(ids), spec.step(ids)
-    worst, same = float(np.abs(got - want).max() / np.abs(want).max()), 0
-    tok = int(want[0, -1].argmax())
-    for _ in range(24):
-        got, want = kv.step(np.array([[tok]], np.int64)), spec.step(np.array([[tok]], np.int64))
-        worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
-        same += int(got[0, -1].argmax() == want[0, -1].argmax())
-        tok = int(want[0, -1].argmax())
-    assert kv.shared
-    assert 0 < worst <= 1e-2  # not bit-equal (it is fp16), but close
-    assert same == 24
-    with pytest.raises(GQAError, match="cache_dtype"):
-        write_kv_graph(folder, cache_dtype="int8")

@@ -14,7 +14,6 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from graphs.lift import (
-    LIFT_TENSOR,
     LiftGraphError,
     attach_lift,
     build_lift_graph,
@@ -22,6 +21,7 @@ from graphs.lift import (
     extract_lift,
 )
 from reference.config import CodeConfig
+from runtime.interface import INPUTS_EMBEDS
 from reference.lift import lift, random_invertible_gf2
 
 V, K, WIDTH, OPSET = 65536, 16, 64, 18
@@ -223,11 +223,11 @@ def table_model(table: np.ndarray, via_cast: bool) -> onnx.ModelProto:
     if via_cast:
         nodes.append(helper.make_node("Cast", ["table"], ["table_f"], to=TensorProto.FLOAT))
         src = "table_f"
-    nodes.append(helper.make_node("Gather", [src, "input_ids"], [LIFT_TENSOR], axis=0))
+    nodes.append(helper.make_node("Gather", [src, "input_ids"], [INPUTS_EMBEDS], axis=0))
     graph = helper.make_graph(
         nodes, "table",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info(LIFT_TENSOR, TensorProto.FLOAT, ["batch", "seq", table.shape[1]])],
+        [helper.make_tensor_value_info(INPUTS_EMBEDS, TensorProto.FLOAT, ["batch", "seq", table.shape[1]])],
         initializer=[numpy_helper.from_array(table, "table")],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])

@@ -85,7 +85,7 @@ def test_pass_refuses_a_graph_without_a_head():
 def test_rotary_fused_and_exact(tiny_artifacts, ref, want):
     """Every q and k rotation became one RotaryEmbedding; the logits still match the reference (above,
     and through the gate's teacher forcing); the caches equal the reference's own cos / sin."""
-    from graphs.optimize import ROT, rotary_caches
+    from graphs.optimize import rotary_caches
     from reference.model import rope_cos_sin
 
     folder = tiny_artifacts("arith")
@@ -108,7 +108,8 @@ def test_split_head_is_exact_and_quantizes_as_the_head(tiny_ckpt, tmp_path, monk
     """A head above HEAD_CHUNK_BYTES is traced as column blocks joined by a Concat: the logits (all
     positions and logits_to_keep=1) still equal the reference's, and int4's 8-bit head finds every block."""
     import export.trace
-    from export.build import Stages, export_graph, load_reference
+    from export.graph import export_graph, load_reference
+    from export.progress import Stages
     from graphs.optimize import head_matmuls
     from graphs.quantize import quantize_nbits
     from reference.checkpoint import load_model
@@ -135,10 +136,7 @@ def test_split_head_is_exact_and_quantizes_as_the_head(tiny_ckpt, tmp_path, monk
     last = sess.run([I.LOGITS], {**feed, I.LOGITS_TO_KEEP: np.array([1], np.int64)})[0]
     assert last.shape == (2, 1, 65536) and np.abs(last[:, 0] - want[:, -1]).max() <= 1e-4 * np.abs(want).max()
 
-    q = tmp_path / "int4"
-    q.mkdir()
-    quantize_nbits(path, q / I.MODEL_FILE, bits=4, block_size=32, is_symmetric=False, head_bits=8)
-    qp = onnx.load(str(q / I.MODEL_FILE), load_external_data=False)
+    qp, _ = quantize_nbits(path, bits=4, block_size=32, is_symmetric=False, head_bits=8)
     concat = next(n for n in qp.graph.node if I.LOGITS in n.output)
     producers = [next(n for n in qp.graph.node if x in n.output) for x in concat.input]
     bits = [next(a.i for a in p.attribute if a.name == "bits") for p in producers]

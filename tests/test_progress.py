@@ -46,6 +46,6 @@ def test_gate_total_matches_the_steps_taken(tiny_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(progress, "Bar", Counting)
     from export.build import build
 
-    build(tiny_ckpt, tmp_path / "a", code="arith", log=lambda m: None, progress=True)
+    build(tiny_ckpt, tmp_path / "a", lift_mode="arith", log=lambda m: None, progress=True)
     bar = seen["bar"]
     assert bar.steps == bar.total, (bar.steps, bar.total)

@@ -84,9 +84,19 @@ def remote_folder(tmp_path_factory, bvv241_dir) -> Path:
 @pytest.fixture(scope="module")
 def remote_artifact(tmp_path_factory, remote_folder) -> tuple[Path, list[str]]:
     logs: list[str] = []
-    out = build(remote_folder, tmp_path_factory.mktemp("remote_out") / "art", code="arith", trust_remote_code=True,
+    out = build(remote_folder, tmp_path_factory.mktemp("remote_out") / "art", lift_mode="arith", trust_remote_code=True,
                 log=logs.append)
     return out, logs
+
+
+def test_the_files_that_will_run_are_named_first(remote_artifact):
+    """Before transformers runs anything, the build names the folder's files it will run (auto_map's
+    modules and what they import from the folder)."""
+    _, logs = remote_artifact
+    said = next(i for i, m in enumerate(logs) if "will run code from" in m)
+    ran = next(i for i, m in enumerate(logs) if "remote code:" in m)
+    assert said < ran
+    assert "modeling_fixcode.py" in logs[said] and "configuration_fixcode.py" in logs[said]
 
 
 def test_search_reports_the_conventions_of_the_folders_code(remote_artifact):
@@ -131,7 +141,7 @@ def test_code_outside_the_spec_is_refused(tmp_path, bvv241_dir):
     folder = make_folder(tmp_path / "fixcode_scaled", bvv241_dir, embedding_scale=2.0)
     out = tmp_path / "art"
     with pytest.raises(ExportError) as e:
-        build(folder, out, code="arith", trust_remote_code=True, log=lambda m: None)
+        build(folder, out, lift_mode="arith", trust_remote_code=True, log=lambda m: None)
     msg = str(e.value)
     assert "all 64 combinations" in msg and "nothing was exported" in msg
     assert not out.exists() and not list(tmp_path.glob(".art*"))
@@ -162,5 +172,5 @@ def test_without_the_flag_the_code_is_not_run_but_mentioned(remote_folder, tmp_p
 
     monkeypatch.setattr(export.remote, "load_remote_model", boom)
     logs: list[str] = []
-    build(remote_folder, tmp_path / "o", code="arith", verify=False, log=logs.append)
+    build(remote_folder, tmp_path / "o", lift_mode="arith", verify=False, log=logs.append)
     assert any("ships its own model code" in m and "--trust-remote-code" in m for m in logs)

@@ -266,7 +266,7 @@ def test_kv_graph_serves_generation_and_spec_graph_opens_only_for_forward(tiny_a
 def test_artifact_without_kv_graph(tiny_ckpt, tmp_path):
     from export.build import build
 
-    out = build(tiny_ckpt, tmp_path / "nokv", code="arith", verify=False, kv_graph=False, log=lambda m: None)
+    out = build(tiny_ckpt, tmp_path / "nokv", lift_mode="arith", verify=False, kv_graph=False, log=lambda m: None)
     assert not (out / I.KV_MODEL_FILE).exists()
     assert json.loads((out / I.MANIFEST_FILE).read_text())["kv_graph"]["file"] is None
     m = runtime.load(out, provider="cpu")  # auto: model.onnx serves everything

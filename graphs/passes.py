@@ -1,4 +1,4 @@
-"""Graph passes on the traced body (onnxscript / onnx-ir, not hand-edited protobuf).
+"""Graph passes on the traced body, in onnx-ir (the protobuf passes on the saved graph are in optimize.py).
 
 Constant folding and dead-code removal come from onnxscript's optimizer; then every node gets a
 name that says where it comes from (`/model/layers.3/attn/q_proj/MatMul`), read from the module
