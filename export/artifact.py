@@ -39,9 +39,22 @@ def write_generation_config(w: ArtifactWriter, cfg: ModelConfig, source: Path) -
     w.write_json(GENERATION_CONFIG_FILE, gen)
 
 
-def copy_tokenizer(w: ArtifactWriter, source: Path) -> list[str]:
+def genai_readable_tokenizer(path: Path, vocab_size: int) -> bytes:
+    """tokenizer.json in the form onnxruntime-genai reads as code points (export/tokenizer_files.py),
+    which `tokenizers` encodes exactly as the original; other kinds of tokenizer come back as they are."""
+    from .tokenizer_files import TokenizerFormError, genai_tokenizer_json
+
+    raw = path.read_bytes()
+    try:
+        return json.dumps(genai_tokenizer_json(json.loads(raw), vocab_size), ensure_ascii=False).encode("utf-8")
+    except TokenizerFormError:
+        return raw
+
+
+def copy_tokenizer(w: ArtifactWriter, source: Path, vocab_size: int | None = None) -> list[str]:
     """The checkpoint's tokenizer files, each only if it resolves inside the checkpoint folder;
-    tokenizer_config.json gains `model_input_names` (written even when the checkpoint had none)."""
+    tokenizer_config.json gains `model_input_names` (written even when the checkpoint had none);
+    with `vocab_size`, tokenizer.json is shipped in the form genai reads too (genai_readable_tokenizer)."""
     copied = []
     root = source.resolve()
     for name in TOKENIZER_FILES:
@@ -55,6 +68,8 @@ def copy_tokenizer(w: ArtifactWriter, source: Path) -> list[str]:
         if name == TOKENIZER_CONFIG_FILE:
             tc = json.loads(real.read_text())
             w.write_json(name, {**tc, "model_input_names": MODEL_INPUT_NAMES})
+        elif name == "tokenizer.json" and vocab_size is not None:
+            w.write_bytes(name, genai_readable_tokenizer(real, vocab_size))
         else:
             w.copy_file(name, real)
         copied.append(name)
@@ -69,8 +84,10 @@ def _pattern(template: str) -> str:
     return template.replace("{i}", "%d")
 
 
-def write_genai_config(w: ArtifactWriter, cfg: ModelConfig, provider: str) -> None:
-    """onnxruntime-genai's layout, so its `og.Model(folder)` can load the artifact as a plain decoder."""
+def write_genai_config(w: ArtifactWriter, cfg: ModelConfig, provider: str, shared_buffer: bool = False) -> None:
+    """onnxruntime-genai's layout, so its `og.Model(folder)` can load the artifact as a plain decoder:
+    over model.genai.onnx with one shared cache buffer per layer when the artifact has it (genai's usual
+    setup, graphs/genai_kv.py), else over model.onnx."""
     provider_options = [{"cuda": {}}] if provider == "cuda" else []
     genai = {
         "model": {
@@ -109,6 +126,10 @@ def write_genai_config(w: ArtifactWriter, cfg: ModelConfig, provider: str) -> No
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
+    if shared_buffer:
+        from graphs.genai_kv import genai_kv_config
+
+        genai = genai_kv_config(genai, cfg.num_attention_heads)
     w.write_json(GENAI_CONFIG_FILE, genai)
 
 

@@ -181,9 +181,12 @@ def write_kv(w: ArtifactWriter) -> dict:
     except GQAError as e:
         raise ExportError(f"cannot build {KV_MODEL_FILE}, the shared-cache decoder graph: {e}. Pass --no-kv-graph "
                           f"to export without it (the runtime then serves every call with {MODEL_FILE})") from None
+    from graphs.genai_kv import GENAI_KV_MODEL_FILE, to_genai_kv
+
     w.write_model(KV_MODEL_FILE, kv)
+    w.write_model(GENAI_KV_MODEL_FILE, to_genai_kv(kv))  # the same graph fed by attention_mask, for genai
     return {"file": KV_MODEL_FILE, "cache": "one [batch, heads, max_len, head_size] buffer per layer, past == present",
-            "op": "com.microsoft.GroupQueryAttention", "padding": "right"}
+            "op": "com.microsoft.GroupQueryAttention", "padding": "right", "genai_file": GENAI_KV_MODEL_FILE}
 
 
 def verify_providers(provider: str, log: Callable[[str], None]) -> str:
@@ -255,12 +258,12 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
 
                 artifact.write_config(w, cfg)
                 artifact.write_generation_config(w, cfg, folder)
-                artifact.copy_tokenizer(w, folder)
-                artifact.write_genai_config(w, cfg, provider)
+                artifact.copy_tokenizer(w, folder, cfg.vocab_size)
             kv_info = {"file": None, "reason": "--no-kv-graph"}
             if kv_graph:
                 with stages("kv graph"):
                     kv_info = write_kv(w)
+            artifact.write_genai_config(w, cfg, provider, shared_buffer=kv_graph)
             parity, verified, passed = {"skipped": "--no-verify"}, [], True
             if verify:
                 from .progress import Bar

@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from graphs.genai_kv import GENAI_KV_MODEL_FILE
 from graphs.lift import extract_lift
 from reference.lift import lift
 from reference.config import ModelConfig
@@ -446,6 +447,13 @@ def check_kv_graph(report: Report, folder: Path, e: Expected, precision: str, pr
         tick(1, "kv graph")
     bound = FP32_REL_TOL * float(np.abs(want).max())
     report.add("kv graph: teacher-forced max|diff|", worst, f"<= {bound:.3g}", worst <= bound, required=exact)
+
+    if (folder / GENAI_KV_MODEL_FILE).is_file():  # genai's variant: the same graph fed by attention_mask
+        from .verify_genai import genai_kv_logits
+
+        got = genai_kv_logits(folder, seq[0].tolist(), max(1, seq.shape[1] // 2))
+        gdiff = float(np.abs(got - want[0]).max())
+        report.add("genai graph: teacher-forced max|diff|", gdiff, f"<= {bound:.3g}", gdiff <= bound, required=exact)
 
     tokens = [int(kv.prefill(np.array([e.prompt]))[0, -1].argmax())]
     tick(1, "kv graph greedy")

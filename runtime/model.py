@@ -8,6 +8,8 @@ first use. Every check of the caller's input (runtime/inputs.py) runs before the
 """
 from __future__ import annotations
 
+import re
+
 import threading
 from typing import Any, Callable, Iterator, Sequence, Union
 
@@ -296,6 +298,9 @@ def _check_rotary_context(graph: SharedKVGraph, context: int) -> None:
             )
 
 
+_BYTE_PIECE = re.compile(r"(<0x[0-9A-F]{2}>)+")
+
+
 def _load_tokenizer(info: ArtifactInfo) -> Tokenizer | None:
     path = info.folder / I.TOKENIZER_FILES[0]
     if not path.is_file():
@@ -308,9 +313,13 @@ def _load_tokenizer(info: ArtifactInfo) -> Tokenizer | None:
         # SPEC 4: decoding is the concatenation of the token strings; without a decoder the
         # tokenizers library would join them with spaces.
         tok.decoder = decoders.Fuse()
-    if tok.get_vocab_size() > info.vocab_size:
-        raise RuntimeArtifactError(f"{path} has {tok.get_vocab_size()} tokens but config.json's vocab_size = "
-                                   f"{info.vocab_size}; tokenizer and model disagree, re-export the folder")
+    # Ids past the model's vocabulary are allowed only as byte pieces `<0xHH>` (and their merged runs): the tokenizer.json the
+    # exporter ships for onnxruntime-genai carries them (export/tokenizer_files.py), and this library
+    # never emits them (no byte fallback). Anything else there means tokenizer and model disagree.
+    beyond = [t for t, i in tok.get_vocab(with_added_tokens=True).items() if i >= info.vocab_size]
+    if any(not _BYTE_PIECE.fullmatch(t) for t in beyond):
+        raise RuntimeArtifactError(f"{path} has token ids up to {max(tok.get_vocab().values())} but config.json's "
+                                   f"vocab_size = {info.vocab_size}; tokenizer and model disagree, re-export the folder")
     return tok
 
 

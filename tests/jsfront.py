@@ -8,12 +8,10 @@ CI must run these front ends, not skip them quietly.
 """
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,6 @@ NEW_TOKENS = 40
 PROMPTS = ("ROMEO:", "First Citizen:\nWe are accounted poor citizens", "KING RICHARD III:\nNow is the winter of")
 NODE_TIMEOUT_S = 300
 
-_artifacts: dict[str, Path] = {}
 _expected: dict[tuple[str, int], list[list[int]]] = {}
 
 
@@ -51,17 +48,10 @@ def need(*, node_packages: tuple[str, ...] = (), chromium: bool = False) -> dict
 
 
 def demo_artifact(mode: str) -> Path:
-    """The demo model exported with lift `mode`, once per test process.
+    """The demo model exported with lift `mode`, once per test process (tests/demo.py)."""
+    from demo import demo_artifact as build_once
 
-    Built without the parity gate: these tests compare every front end with the Python runtime on
-    the same folder, and the gate itself is tests/test_demo_parity.py's subject."""
-    if mode not in _artifacts:
-        from export.build import build
-
-        root = Path(tempfile.mkdtemp(prefix="tablefree-js-"))
-        atexit.register(shutil.rmtree, root, True)
-        _artifacts[mode] = build(DEMO_MODEL_DIR, root / mode, code=mode, verify=False, log=lambda m: None)
-    return _artifacts[mode]
+    return build_once(mode)
 
 
 def runtime_ids(mode: str, max_new_tokens: int = NEW_TOKENS) -> list[list[int]]:
@@ -80,43 +70,6 @@ def prompt_ids(mode: str) -> list[list[int]]:
 
     m = runtime.load(demo_artifact(mode), provider="cpu")
     return [m.encode(p) for p in PROMPTS]
-
-
-# TEMPORARY: the graphs' dimension names become optimum's (issue 12) in export/, by another change.
-# Until that is merged, transformers.js (which sizes its empty cache from `batch_size`) runs on a
-# copy whose dimensions are renamed here. Once the artifact carries these names, this returns the
-# folder itself and can be deleted.
-_OPTIMUM_DIMS = {"batch": "batch_size", "seq": "sequence_length", "past": "past_sequence_length",
-                 "total": "past_sequence_length + sequence_length",
-                 "past + seq": "past_sequence_length + sequence_length"}
-
-
-def with_optimum_dims(folder: Path) -> Path:
-    import onnx
-
-    graphs = {f: onnx.load(str(f), load_external_data=False) for f in sorted(folder.glob("*.onnx"))}
-    dims = [d for m in graphs.values() for v in (*m.graph.input, *m.graph.output) for d in v.type.tensor_type.shape.dim]
-    if not any(d.dim_param in _OPTIMUM_DIMS or d.dim_param == "kept_seq" for d in dims):
-        return folder
-    out = folder.with_name(folder.name + "-optimum-dims")
-    if out.is_dir():
-        return out
-    tmp = folder.with_name(folder.name + "-optimum-dims.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for f in folder.iterdir():
-        if f.suffix != ".onnx":
-            os.link(f, tmp / f.name)  # a sibling folder: the same file system
-    for f, m in graphs.items():
-        for v in (*m.graph.input, *m.graph.output):
-            for d in v.type.tensor_type.shape.dim:
-                if d.dim_param == "kept_seq":  # output-only name: leave the dimension unnamed
-                    d.Clear()
-                elif d.dim_param in _OPTIMUM_DIMS:
-                    d.dim_param = _OPTIMUM_DIMS[d.dim_param]
-        onnx.save(m, str(tmp / f.name))
-    tmp.rename(out)
-    return out
 
 
 def node(script: str, *args: str, stdin: str | None = None, env: dict[str, str] | None = None,

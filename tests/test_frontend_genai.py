@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from frontends.shared import (MAX_NEW, PROMPTS, ROOT, as_shipped, demo_artifact, genai_kv_folder, run_script,
+from frontends.shared import (MAX_NEW, PROMPTS, ROOT, demo_artifact, run_script,
                               runtime_greedy, venv_python, write_json)
 
 # The fixed test set: ASCII, runs of spaces and newlines, punctuation, non-Latin scripts, emoji
@@ -71,7 +71,7 @@ def genai_py():
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
-    return as_shipped(demo_artifact(tmp_path_factory, "arith"), tmp_path_factory.mktemp("genai") / "arith")
+    return demo_artifact(tmp_path_factory, "arith")
 
 
 def test_genai_tokenizer_equals_tokenizers(genai_py, shipped, tmp_path_factory, tmp_path):
@@ -89,7 +89,7 @@ def test_genai_tokenizer_bvv241(genai_py, bvv241_dir, shipped, tmp_path):
     from export.tokenizer_files import write_genai_tokenizer
 
     folder = tmp_path / "bvv241"
-    shutil.copytree(shipped, folder, symlinks=True, ignore=shutil.ignore_patterns("tokenizer*.json", "model.genai.onnx"))
+    shutil.copytree(shipped, folder, symlinks=True, ignore=shutil.ignore_patterns("tokenizer*.json"))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(bvv241_dir / name, folder / name)
     assert write_genai_tokenizer(folder, 65536)
@@ -111,20 +111,13 @@ MODES = ["arith", pytest.param("bitwise", marks=pytest.mark.slow), pytest.param(
 
 @pytest.mark.parametrize("mode", MODES)
 def test_genai_generates_runtime_text(genai_py, tmp_path_factory, tmp_path, mode):
+    """The folder as shipped: genai_config.json runs model.genai.onnx with one shared cache buffer per
+    layer; genai's text from text equals the runtime's."""
     artifact = demo_artifact(tmp_path_factory, mode)
-    folder = as_shipped(artifact, tmp_path_factory.mktemp("genai") / mode)
-    _check_generation(genai_py, folder, artifact, tmp_path)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_genai_shared_buffer_graph(genai_py, tmp_path_factory, tmp_path, mode):
-    """model.genai.onnx with past_present_share_buffer: the same greedy tokens as the runtime."""
-    artifact = demo_artifact(tmp_path_factory, mode)
-    shipped = as_shipped(artifact, tmp_path_factory.mktemp("genai") / mode)
-    cfg = json.loads((shipped / "genai_config.kv.json").read_text())
+    cfg = json.loads((artifact / "genai_config.json").read_text())
     assert cfg["search"]["past_present_share_buffer"] is True
     assert cfg["model"]["decoder"]["filename"] == "model.genai.onnx"
-    _check_generation(genai_py, genai_kv_folder(shipped, tmp_path / "kv"), artifact, tmp_path)
+    _check_generation(genai_py, artifact, artifact, tmp_path)
 
 
 def test_verify_genai_kv_teacher_forcing(shipped):

@@ -18,7 +18,7 @@ import random
 import numpy as np
 import pytest
 
-from jsfront import NEW_TOKENS, PROMPTS, demo_artifact, need, node, prompt_ids, runtime_ids, with_optimum_dims
+from jsfront import NEW_TOKENS, PROMPTS, demo_artifact, need, node, prompt_ids, runtime_ids
 
 MODES = ("arith", "bitwise", "lookup")
 
@@ -83,7 +83,7 @@ def test_onnxruntime_node_generates_the_runtime_tokens(node_env, mode, graph):
 def test_transformers_js_generates_the_runtime_tokens_from_text(node_env, mode):
     import runtime
 
-    folder = with_optimum_dims(demo_artifact(mode))
+    folder = demo_artifact(mode)
     out = node("transformers_js.mjs", str(folder), str(NEW_TOKENS), *PROMPTS, env=node_env)
     m = runtime.load(demo_artifact(mode), provider="cpu")
     for prompt, w, r in zip(PROMPTS, runtime_ids(mode), out):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from frontends.shared import (MAX_NEW, PROMPTS, as_shipped, demo_artifact, run_script, runtime_greedy, venv_python,
+from frontends.shared import (MAX_NEW, PROMPTS, demo_artifact, run_script, runtime_greedy, venv_python,
                               write_json)
 
 MODES = ["arith", pytest.param("bitwise", marks=pytest.mark.slow), pytest.param("lookup", marks=pytest.mark.slow)]
@@ -18,7 +18,7 @@ MODES = ["arith", pytest.param("bitwise", marks=pytest.mark.slow), pytest.param(
 def test_optimum_generate_and_pipeline(tmp_path_factory, tmp_path, mode):
     py = venv_python("optimum")
     artifact = demo_artifact(tmp_path_factory, mode)
-    folder = as_shipped(artifact, tmp_path_factory.mktemp("optimum") / mode)
+    folder = artifact
     expected = runtime_greedy(artifact)
     out = run_script(py, "optimum_generate.py", folder, write_json(tmp_path / "prompts.json", PROMPTS), MAX_NEW)
     assert set(out["runs"]) == {"plain", "io_binding"}
