@@ -4,9 +4,27 @@
 // the Node tests check against the Python runtime.
 //
 // Why a tokenizer of our own: the artifact's tokenizer (SPEC 4, "bvv241") is a `tokenizers` BPE
-// over Unicode code points with no normalizer, pre-tokenizer or decoder steps; its merges join
-// whole n-grams. That is 60 lines here, needs no download and no bundler, and tests/js checks it
+// over Unicode code points; its merges join whole n-grams. The exporter ships it in the form
+// onnxruntime-genai also reads (export/tokenizer_files.py): string Replace steps in the normalizer
+// and decoder that swap ' ' and '\u2581', and a whole-text Split that splits nothing. Those are
+// the only steps this module accepts. That is 60 lines here, needs no download and no bundler, and tests/js checks it
 // against the Python `tokenizers` encoding.
+
+const WHOLE_TEXT = '[\\s\\S]+';
+
+/** [from, to] pairs of a normalizer or decoder made of string Replace steps (a Fuse decoder ends it). */
+function replaceSteps(step, listKey, what) {
+  if (!step) return [];
+  const steps = step.type === 'Sequence' ? step[listKey] : [step];
+  const out = [];
+  for (const st of steps) {
+    if (st.type === 'Replace' && st.pattern && typeof st.pattern.String === 'string') out.push([st.pattern.String, st.content]);
+    else if (!(what === 'decoder' && st.type === 'Fuse')) {
+      throw new Error(`tokenizer.json has a ${what} step (${st.type}) this small BPE does not run; only string Replace steps`);
+    }
+  }
+  return out;
+}
 
 /** BPE over code points, as `tokenizers` runs it for a tokenizer.json with no pre-tokenizer:
  * special (added) tokens are split out first, every other code point is a symbol (or <unk>),
@@ -15,8 +33,11 @@ export class BPETokenizer {
   constructor(json) {
     const model = json.model;
     if (!model || model.type !== 'BPE') throw new Error(`tokenizer.json: model type ${model && model.type} is not BPE`);
-    if (json.pre_tokenizer || json.normalizer) {
-      throw new Error('tokenizer.json has a normalizer or pre-tokenizer; this small BPE handles the tokenizer family without them (SPEC 4)');
+    this.normalize = replaceSteps(json.normalizer, 'normalizers', 'normalizer');
+    this.decodeSteps = replaceSteps(json.decoder, 'decoders', 'decoder');
+    const pre = json.pre_tokenizer;
+    if (pre && !(pre.type === 'Split' && pre.pattern && pre.pattern.Regex === WHOLE_TEXT)) {
+      throw new Error(`tokenizer.json has a pre-tokenizer (${pre.type}) this small BPE does not run; only a whole-text Split`);
     }
     this.vocab = new Map(Object.entries(model.vocab));
     this.tokens = [];
@@ -53,6 +74,7 @@ export class BPETokenizer {
   }
 
   _bpe(text, out) {
+    for (const [from, to] of this.normalize) text = text.split(from).join(to);
     const ids = [];
     for (const ch of text) { // code points, as Rust's chars()
       const id = this.vocab.get(ch);
@@ -88,7 +110,11 @@ export class BPETokenizer {
 
   /** Decoding is the concatenation of the token strings (the Fuse decoder; SPEC 4). */
   decode(ids) {
-    return ids.map((id) => this.tokens[id] ?? '').join('');
+    return ids.map((id) => {
+      let piece = this.tokens[id] ?? '';
+      for (const [from, to] of this.decodeSteps) piece = piece.split(from).join(to);
+      return piece;
+    }).join('');
   }
 }
 
