@@ -95,16 +95,19 @@ def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         norm(f"{p}.ln1")
         for n in "qkvo":
             linear(f"{p}.attn.{n}_proj", d, d, cfg.attention_bias)
-        norm(f"{p}.ln2")
+        if cfg.has_ln2:
+            norm(f"{p}.ln2")
         linear(f"{p}.mlp.up_proj", f, d, cfg.mlp_bias)
         linear(f"{p}.mlp.down_proj", d, f, cfg.mlp_bias)
     norm("ln_f")
     out["lm_head.weight"] = (V, d)
+    if cfg.input_table:  # the learned-input-table baseline (lift mode "table")
+        out["embed_tokens.weight"] = (V, d)
     return out
 
 
 _CANONICAL_RE = re.compile(
-    r"code\.[Ab]|lm_head\.weight|ln_f\.(weight|bias)"
+    r"code\.[Ab]|lm_head\.weight|embed_tokens\.weight|ln_f\.(weight|bias)"
     r"|layers\.\d+\.(ln1|ln2)\.(weight|bias)"
     r"|layers\.\d+\.attn\.(q|k|v|o|qkv)_proj\.(weight|bias)"
     r"|layers\.\d+\.attn\.qkv_heads\.(weight|bias)"
@@ -122,6 +125,7 @@ _PATTERNS: list[tuple[re.Pattern[str], str | None]] = [
         (r"transformer\.h\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"layers.\1.mlp.up_proj.\2"),
         (r"transformer\.h\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"layers.\1.mlp.down_proj.\2"),
         (r"transformer\.ln_f\.(weight|bias)", r"ln_f.\1"),
+        (r"(?:transformer\.|model\.)?(?:wte|embed_tokens)\.weight|gpt_neox\.embed_in\.weight", "embed_tokens.weight"),
         (r"transformer\.h\.\d+\.attn\.(bias|masked_bias)", None),  # causal-mask buffers
         # Llama style (and Phi's fc1/fc2, Phi-3's fused qkv_proj)
         (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o|qkv)_proj\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
@@ -362,6 +366,9 @@ def load_checkpoint(folder: str | Path, key_map: str | Path | KeyMap | None = No
     cfg.attention_bias = any(re.fullmatch(r"layers\.\d+\.attn\.(q|k|v|o|qkv)_proj\.bias|layers\.\d+\.attn\.qkv_heads\.bias", n) for n in present)
     cfg.mlp_bias = any(re.fullmatch(r"layers\.\d+\.mlp\.(up|down)_proj\.bias", n) for n in present)
     cfg.norm_bias = any(re.fullmatch(r"(layers\.\d+\.ln[12]|ln_f)\.bias", n) for n in present)
+    cfg.input_table = "embed_tokens.weight" in present  # the learned-table baseline, recognised by its table
+    if not any(".ln2." in n for n in present) and any(".ln1." in n for n in present):
+        cfg.parallel_residual, cfg.parallel_norms = True, 1  # one norm per block: GPT-J's parallel layout
 
     layer_ids = {int(m.group(1)) for n in present if (m := re.match(r"layers\.(\d+)\.", n))}
     if layer_ids and max(layer_ids) + 1 != cfg.num_hidden_layers:
