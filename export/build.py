@@ -27,7 +27,9 @@ from .trace import DEFAULT_OPSET
 PROVIDERS = ("cpu", "cuda")
 OPSET_RANGE = (18, 23)  # LayerNormalization needs >= 17; onnxruntime 1.31 runs up to 23
 CONVENTION_FIELDS = ("bit_order", "values", "tiling", "scale")  # code fields a user may override
-BLOCK_FIELDS = ("norm_type", "rope_pairing", "hidden_act")  # set only by the --trust-remote-code search
+# set only by the --trust-remote-code search (export/remote.py BLOCK_FIELDS)
+BLOCK_FIELDS = ("norm_type", "rope_pairing", "hidden_act", "rotary_dim", "rope_theta", "parallel_residual",
+                "parallel_norms")
 INT_BLOCK_SIZE = 128  # MatMulNBits block for int8 (accuracy level 4: int8 compute)
 
 
@@ -199,7 +201,7 @@ def export_graph(lm, work: Path, mode: str, opset: int, stages: Stages, lift_cod
         proto = attach_lift(proto, lift_code if lift_code is not None else lm.cfg.code, mode, lm.cfg.vocab_size)
         check_no_vocab_table(proto, lm.cfg.vocab_size, lm.cfg.hidden_size)
         add_logits_to_keep(proto)  # prompts skip the vocabulary head on all but the last position
-        if lm.cfg.rope_pairing == "rotate_half":
+        if lm.cfg.rope_pairing == "rotate_half" and lm.cfg.rope_dim == lm.cfg.head_size:  # whole-head RoPE only
             cfg = lm.cfg
             fuse_rotary(proto, cfg.num_attention_heads, cfg.head_size, cfg.rope_theta, cfg.max_position_embeddings)
         remove_dead(proto.graph)  # what the passes above left unread (ORT warns about each at load)
@@ -370,7 +372,10 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
             artifact.copy_tokenizer(staging, folder)
             artifact.write_genai_config(staging, cfg, provider)
         kv_info = {"file": None, "reason": "--no-kv-graph"}
-        if kv_graph:
+        if kv_graph and cfg.rope_dim != cfg.head_size:  # the kv graph's attention op rotates whole heads
+            kv_info = {"file": None, "reason": f"partial rotary (rotary_dim {cfg.rope_dim} of head size {cfg.head_size})"}
+            log(f"[export] note: no {KV_MODEL_FILE} ({kv_info['reason']}); the runtime serves every call with {MODEL_FILE}")
+        elif kv_graph:
             with stages("kv graph"):
                 kv_info = write_kv(staging, log)
         parity, verified, passed = {"skipped": "--no-verify"}, [], True
