@@ -17,6 +17,8 @@ lift modes (--code):
   bitwise  BitShift + BitwiseAnd on the id; smallest graph; ONNX Runtime runs these on the CPU provider only
   arith    integer Div/Mod on the id; runs on every execution provider (use it for cuda)
   lookup   Gather from a constant table of the V recoded K-bit codes (V*K bits), then unpack; every provider
+  table    only for checkpoints WITH an input embedding table (the paper's learned-table baseline; chosen
+           automatically for them): Gather from that [V, d] table; the "no V x d table" check is waived
 
 precisions (--precision):
   fp32     exact: logits within 1e-4 of max|logit|, greedy token-exact, checked by the parity gate
@@ -41,7 +43,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="checkpoint folder (config.json + *.safetensors + tokenizer files) or a Hugging Face hub id "
                         "OWNER/NAME (fetched without pickles; needs network). Default: the embedded demo model models/shakespeare")
     b.add_argument("--out", metavar="DIR", help="artifact folder to write. Default: artifacts/<model-name>-<code>-<precision>")
-    b.add_argument("--code", choices=LIFT_MODES, default="bitwise", help="how the graph computes the lift (see below). Default: bitwise")
+    b.add_argument("--code", choices=(*LIFT_MODES, "table"), default="bitwise", help="how the graph computes the lift (see below). Default: bitwise")
     b.add_argument("--precision", choices=PRECISIONS, default="fp32", help="weight precision (see below). Default: fp32")
     b.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
                    help="execution provider the artifact targets and is verified on (cuda: verified there when "

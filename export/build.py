@@ -66,8 +66,10 @@ def default_out(model_name: str, code: str, precision: str) -> Path:
 def check_arguments(out: Path, code: str, precision: str, provider: str, opset: int, force: bool,
                     trust_remote_code: bool, overrides: dict) -> None:
     """Everything that can be refused without reading a weight."""
-    if code not in LIFT_MODES:
-        raise ExportError(f"--code {code}: unknown lift mode; choose one of {', '.join(LIFT_MODES)}")
+    from graphs.lift import EXPORT_MODES
+
+    if code not in EXPORT_MODES:
+        raise ExportError(f"--code {code}: unknown lift mode; choose one of {', '.join(EXPORT_MODES)}")
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision}: unknown; choose one of {', '.join(PRECISIONS)}")
     if provider not in PROVIDERS:
@@ -127,6 +129,22 @@ def apply_overrides(cfg, overrides: dict) -> None:
             setattr(cfg, key, overrides[key])
 
 
+def table_mode(cfg, code: str, out: Path, folder: Path, precision: str, log: Callable[[str], None]) -> tuple[str, Path]:
+    """A checkpoint with an input embedding table exports in lift mode table, and only it does."""
+    from graphs.lift import TABLE_MODE
+
+    if cfg.input_table and code != TABLE_MODE:
+        log(f"[export] {folder.name} has an input embedding table [{cfg.vocab_size}, {cfg.hidden_size}] (a learned-table "
+            f"model, not table-free): exporting with lift mode {TABLE_MODE} instead of {code}")
+        if out == default_out(folder.name, code, precision):
+            out = default_out(folder.name, TABLE_MODE, precision)
+        return TABLE_MODE, out
+    if code == TABLE_MODE and not cfg.input_table:
+        raise ExportError(f"--code {TABLE_MODE}: {folder} has no input embedding table (embed_tokens.weight / wte.weight "
+                          "[V, d]); a table-free checkpoint exports with --code bitwise, arith or lookup")
+    return code, out
+
+
 def note_folder_code(folder: Path, log: Callable[[str], None]) -> None:
     """Say so when a folder ships model code that this build does not run (SPEC 2: only on request)."""
     from .remote import folder_auto_map
@@ -179,7 +197,7 @@ def export_graph(lm, work: Path, mode: str, opset: int, stages: Stages, lift_cod
     import onnx
     import onnx_ir as ir
 
-    from graphs.lift import attach_lift, check_no_vocab_table
+    from graphs.lift import TABLE_MODE, attach_lift, check_no_vocab_table, table_initializer
     from graphs.optimize import add_logits_to_keep, fuse_rotary, remove_dead
 
     from .passes import name_nodes, name_weights, optimize
@@ -198,8 +216,13 @@ def export_graph(lm, work: Path, mode: str, opset: int, stages: Stages, lift_cod
         del body
     with stages("lift"):
         proto = onnx.load(str(path), load_external_data=False)
-        proto = attach_lift(proto, lift_code if lift_code is not None else lm.cfg.code, mode, lm.cfg.vocab_size)
-        check_no_vocab_table(proto, lm.cfg.vocab_size, lm.cfg.hidden_size)
+        table = None  # the learned-table baseline's input table, appended to the weights file
+        if mode == TABLE_MODE:
+            table = table_initializer(lm.embed_tokens.weight.detach().numpy(), work / DATA_FILE)
+        proto = attach_lift(proto, lift_code if lift_code is not None else lm.cfg.code, mode, lm.cfg.vocab_size,
+                            table=table)
+        if mode != TABLE_MODE:  # the invariant is waived for the baseline's table only (manifest: lift)
+            check_no_vocab_table(proto, lm.cfg.vocab_size, lm.cfg.hidden_size)
         add_logits_to_keep(proto)  # prompts skip the vocabulary head on all but the last position
         if lm.cfg.rope_pairing == "rotate_half" and lm.cfg.rope_dim == lm.cfg.head_size:  # whole-head RoPE only
             cfg = lm.cfg
@@ -342,6 +365,10 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
         check_arguments(out, code, precision, provider, opset, force, trust_remote_code, overrides)
         key_map = read_key_map(key_map)
         lm = load_reference(folder, key_map, overrides)  # validates everything before the long stages
+        code, table_out = table_mode(lm.cfg, code, out, folder, precision, log)
+        if table_out != out:
+            out = table_out
+            check_arguments(out, code, precision, provider, opset, force, trust_remote_code, overrides)
         if trust_remote_code:
             from .remote import check_remote
 
