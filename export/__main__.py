@@ -51,9 +51,11 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--opset", type=int, default=None, help="ONNX opset (18..23). Default: 21, loads in onnxruntime >= 1.17")
     b.add_argument("--trust-remote-code", action="store_true",
                    help="run the checkpoint folder's own model code (auto_map in config.json, through transformers: "
-                        "pip install 'tablefree-onnx[remote]'), compare its logits with the reference on probe ids, and "
-                        "when they differ search bit order, values, tiling, norm, RoPE pairing and GELU form for the "
-                        "combination that matches; export with it, or refuse when none matches. Never done without the flag")
+                        "pip install 'tablefree-onnx[remote]'), compare it with the reference stage by stage on probe ids, and "
+                        "where they part search the fields that can change that stage (the code's bit order, values, "
+                        "tiling, scale; norm; RoPE pairing, rotary dim, base; GELU form; parallel residual) for the "
+                        "combination that matches; export with it, or refuse naming the first stage that differs. "
+                        "Never done without the flag")
     b.add_argument("--key-map", metavar="FILE", help="JSON object mapping the checkpoint's tensor names to ours (SPEC 2), for foreign checkpoints")
     b.add_argument("--force", action="store_true", help="replace an existing --out (only after the new artifact passed the gate)")
     b.add_argument("--no-verify", action="store_true", help="skip the parity gate (the manifest then says it was skipped)")
