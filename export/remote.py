@@ -227,7 +227,7 @@ def search(lm, run: stages.FolderRun, ids) -> tuple[dict[str, Any], stages.Stage
 
     def evaluate(conv: dict[str, Any]) -> stages.StageReport:
         model = lm if conv == start else _variant(lm, state, conv)
-        return stages.compare(stages.reference_stages(model, ids), run)
+        return stages.compare_model(model, ids, run)
 
     def lift_agrees(conv: dict[str, Any]) -> bool:
         import copy
@@ -295,7 +295,7 @@ def check_remote(folder: Path, lm, log: Callable[[str], None]) -> RemoteCheck:
             f"under every combination tried ({tried}; closest: {_describe(changed)}). Stage by stage on the probe ids: "
             f"{rep.sentence()}. Nothing was exported")
     final = lm if not changed else _variant(lm, lm.state_dict(), conv)
-    full = stages.compare(stages.reference_stages(final, ids), run, stop_early=False)
+    full = stages.compare_model(final, ids, run, stop_early=False)
     diff = full.stages[-1][2]
     if changed:
         log(f"[export] remote code: the folder's {model_class} matches the reference only with {_describe(changed)} "
