@@ -1,10 +1,11 @@
 """--trust-remote-code on the published decoder variants (issue 14): parallel residual, partial rotary,
 and a block no option describes (post-LN), which must be refused with the stage where the models part.
 
-The oracle is tests/remote_code_neox/: a GPT-NeoX-style table-free model written apart from
-reference/ (NeoX names, per-head fused qkv, msb-first bits, NeoX's rotate_half on rotary_pct of a
-head). Its config class defaults to a parallel residual and rotary_pct 0.25, as GPT-NeoX's does,
-so a config.json that omits those keys leaves the exporter's adapter blind: only the search finds them.
+The oracles are written apart from reference/: tests/remote_code_neox/ (GPT-NeoX names, per-head
+fused qkv, msb-first bits, NeoX's rotate_half on rotary_pct of a head; its config class defaults to
+a parallel residual and rotary_pct 0.25, as GPT-NeoX's does, so a config.json that omits those keys
+leaves the exporter's adapter blind: only the search finds them) and tests/remote_code_gptj/ (GPT-J's
+one-norm parallel block, rotate_every_two on half a head, +-1/sqrt(16) code values, a key map).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from export.build import build, load_reference  # noqa: E402
 from export.errors import ExportError  # noqa: E402
 
 CODE_DIR = Path(__file__).parent / "remote_code_neox"
+GPTJ_DIR = Path(__file__).parent / "remote_code_gptj"
 D, LAYERS, HEADS, FF, V = 64, 2, 2, 256, 65536
 
 
@@ -150,3 +152,62 @@ def test_post_ln_block_is_refused_naming_the_first_differing_stage(tmp_path, bvv
     assert "Stage by stage on the probe ids: the lift agrees; layers.0's attention input differs" in msg, msg
     assert "not pre-LN" in msg and "closest: bit_order lsb_first -> msb_first" in msg and "Nothing was exported" in msg
     assert not out.exists() and not list(tmp_path.glob(".art*"))
+
+
+# GPT-J tensor names our adapter does not know: the user's key map (SPEC 2) names them
+GPTJ_KEY_MAP = {r"transformer\.h\.(\d+)\.attn\.(q|k|v)_proj\.weight": r"layers.\1.attn.\2_proj.weight",
+                r"transformer\.h\.(\d+)\.attn\.out_proj\.weight": r"layers.\1.attn.o_proj.weight",
+                r"transformer\.h\.(\d+)\.mlp\.fc_in\.(weight|bias)": r"layers.\1.mlp.up_proj.\2",
+                r"transformer\.h\.(\d+)\.mlp\.fc_out\.(weight|bias)": r"layers.\1.mlp.down_proj.\2"}
+
+
+def make_gptj_folder(folder: Path, tokenizer_dir: Path) -> Path:
+    """A GPT-J-style folder: one norm per block, no attention biases, config.json without rotary_dim."""
+    from safetensors.torch import save_file
+
+    from reference.lift import random_invertible_gf2
+
+    folder.mkdir(parents=True)
+    for f in GPTJ_DIR.glob("*.py"):
+        shutil.copy(f, folder / f.name)
+    config = {"model_type": "gptj_code_test", "architectures": ["GptjCodeForCausalLM"],
+              "auto_map": {"AutoConfig": "configuration_gptjcode.GptjCodeConfig",
+                           "AutoModelForCausalLM": "modeling_gptjcode.GptjCodeForCausalLM"},
+              "vocab_size": V, "n_embd": D, "n_layer": LAYERS, "n_head": HEADS, "n_inner": FF, "n_positions": 128,
+              "bos_token_id": 57345, "eos_token_id": 57346, "pad_token_id": 57344}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    g = torch.Generator().manual_seed(13)
+
+    def w(*shape, std=0.08):
+        return torch.randn(*shape, generator=g) * std
+
+    A, b = random_invertible_gf2(16, seed=9)
+    sd = {"transformer.recode_A": torch.as_tensor(A, dtype=torch.uint8),
+          "transformer.recode_b": torch.as_tensor(b, dtype=torch.uint8),
+          "transformer.ln_f.weight": 1 + w(D), "transformer.ln_f.bias": w(D), "lm_head.weight": w(V, D, std=0.5)}
+    for i in range(LAYERS):
+        p = f"transformer.h.{i}."
+        sd.update({p + "ln_1.weight": 1 + w(D), p + "ln_1.bias": w(D),
+                   **{p + f"attn.{n}_proj.weight": w(D, D, std=0.3) for n in "qkv"},
+                   p + "attn.out_proj.weight": w(D, D),
+                   p + "mlp.fc_in.weight": w(FF, D, std=0.2), p + "mlp.fc_in.bias": w(FF),
+                   p + "mlp.fc_out.weight": w(D, FF), p + "mlp.fc_out.bias": w(D)})
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_gptj_style_folder_exports_and_matches_its_code(tmp_path, bvv241_dir):
+    """One-norm parallel block (recognised from the tensors: no ln2), interleaved partial RoPE, scaled +-1 code."""
+    folder = make_gptj_folder(tmp_path / "gptj", bvv241_dir)
+    out = build(folder, tmp_path / "art", code="arith", trust_remote_code=True, key_map=GPTJ_KEY_MAP, log=lambda m: None)
+    check = json.loads((out / "manifest.json").read_text())["source"]["remote_code"]
+    hs = D // HEADS
+    assert {k: v["now"] for k, v in check["changed"].items()} == {
+        "values": "plus_minus_one", "scale": 0.25, "rope_pairing": "interleaved", "rotary_dim": hs // 2,
+        "hidden_act": "gelu_tanh"}
+    assert [s["differs_at"] for s in check["search_steps"]] == ["the lift", "layers.0's attention", "layers.0's MLP"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["parallel_residual"] is True and config["parallel_norms"] == 1 and config["attention_bias"] is False
+    assert_artifact_matches_folder(out, folder)
