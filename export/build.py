@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from runtime.interface import DATA_FILE, KV_MODEL_FILE, LIFT_MODES, MODEL_FILE, PRECISIONS
+from runtime.interface import DATA_FILE, KV_MODEL_FILE, MODEL_FILE, PRECISIONS
 
 from .errors import ExportError
 from .trace import DEFAULT_OPSET
