@@ -211,3 +211,17 @@ def test_gptj_style_folder_exports_and_matches_its_code(tmp_path, bvv241_dir):
     config = json.loads((out / "config.json").read_text())
     assert config["parallel_residual"] is True and config["parallel_norms"] == 1 and config["attention_bias"] is False
     assert_artifact_matches_folder(out, folder)
+
+
+def test_stage_sentence_names_whole_blocks_and_the_part_that_differs():
+    """Hand-built report: two whole blocks agree, then layers.2's MLP differs after its MLP input agreed."""
+    from export.stages import StageReport, stage_name
+
+    kinds = ["attn_in", "attn", "mlp_in", "mlp", "out"]
+    names = [("the lift", "lift")] + [(stage_name(k, i), k) for i in range(2) for k in kinds] + \
+        [(stage_name(k, 2), k) for k in kinds[:4]]
+    rep = StageReport([(n, k, 0.0) for n, k in names[:-1]] + [(names[-1][0], names[-1][1], 0.5)], len(names) - 1, 18)
+    assert rep.sentence().startswith("the lift, layers.0-1 and layers.2's attention input, attention and MLP input agree; "
+                                     "layers.2's MLP differs (max diff 5.0e-01 of its max|value|): the MLP differs")
+    assert rep.score == len(names) - 1 and rep.first_kind == "mlp" and not rep.agrees
+    assert rep.to_dict()["first_difference"] == "layers.2's MLP"
