@@ -18,6 +18,8 @@ lift modes (--code MODE):
   bitwise  BitShift + BitwiseAnd on the id; smallest graph; ONNX Runtime runs these on the CPU provider only
   arith    integer Div/Mod on the id; runs on every execution provider (use it for cuda)
   lookup   Gather from a constant table of the V recoded K-bit codes (V*K bits), then unpack; every provider
+  table    only for checkpoints WITH an input embedding table (the paper's learned-table baseline; chosen
+           automatically for them): Gather from that [V, d] table; the "no V x d table" check is waived
 
 precisions (--precision):
   fp32     exact: logits within 1e-4 of max|logit|, greedy token-exact, checked by the parity gate
@@ -43,7 +45,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "OWNER/NAME (fetched without pickles; needs network). Default: the embedded demo model models/shakespeare")
     b.add_argument("--out", metavar="DIR", help="artifact folder to write, outside the model folder. "
                    "Default: artifacts/<model-name>-<lift mode>-<precision>")
-    b.add_argument("--code", dest="lift_mode", choices=LIFT_MODES, default="bitwise",
+    b.add_argument("--code", dest="lift_mode", choices=(*LIFT_MODES, "table"), default="bitwise",
                    help="the lift mode: how the graph computes the lift (see below). Default: bitwise")
     b.add_argument("--precision", choices=PRECISIONS, default="fp32", help="weight precision (see below). Default: fp32")
     b.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
@@ -52,9 +54,11 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--opset", type=int, default=None, help="ONNX opset (18..23). Default: 21, loads in onnxruntime >= 1.17")
     b.add_argument("--trust-remote-code", action="store_true",
                    help="run the checkpoint folder's own model code (auto_map in config.json, through transformers: "
-                        "pip install 'tablefree-onnx[remote]'), compare its logits with the reference on probe ids, and "
-                        "when they differ search bit order, values, tiling, norm, RoPE pairing and GELU form for the "
-                        "combination that matches; export with it, or refuse when none matches. Never done without the flag")
+                        "pip install 'tablefree-onnx[remote]'), compare it with the reference stage by stage on probe ids, and "
+                        "where they part search the fields that can change that stage (the code's bit order, values, "
+                        "tiling, scale; norm; RoPE pairing, rotary dim, base; GELU form; parallel residual) for the "
+                        "combination that matches; export with it, or refuse naming the first stage that differs. "
+                        "Never done without the flag")
     b.add_argument("--key-map", metavar="FILE", help="JSON object mapping the checkpoint's tensor names to ours (SPEC 2), for foreign checkpoints")
     b.add_argument("--force", action="store_true", help="replace an existing --out (only after the new artifact passed the gate)")
     b.add_argument("--no-verify", action="store_true", help="skip the parity gate (the manifest then says it was skipped)")

@@ -167,7 +167,9 @@ def write_manifest(w: ArtifactWriter, *, cfg: ModelConfig, source_info: dict, so
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "producer": producer_versions(),
         "source": {**source_info, "files": source_hashes(source)},
-        "lift": {"mode": lift_mode, **cfg.code.to_dict(with_matrix=True)},
+        "lift": {"mode": lift_mode, **cfg.code.to_dict(with_matrix=True)} if lift_mode != "table" else {
+            "mode": lift_mode, "table": [cfg.vocab_size, cfg.hidden_size],
+            "no_vocab_table": "waived: a learned-input-table model, exported to compare with its table-free twin"},
         "precision": precision,
         "opset": opset,
         "kv_graph": kv_graph or {"file": None},

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from runtime.interface import DATA_FILE, KV_MODEL_FILE, LIFT_MODES, MODEL_FILE, PRECISIONS
+from runtime.interface import DATA_FILE, KV_MODEL_FILE, MODEL_FILE, PRECISIONS
 
 from .errors import ExportError
 from .graph import apply_overrides, export_isolated, load_reference
@@ -76,8 +76,10 @@ def check_arguments(out: Path, lift_mode: str, precision: str, provider: str, op
                     trust_remote_code: bool, overrides: dict, kv_graph: bool = True,
                     model_dir: Path | None = None) -> None:
     """Everything that can be refused without reading a weight."""
-    if lift_mode not in LIFT_MODES:
-        raise ExportError(f"--code {lift_mode}: unknown lift mode; choose one of {', '.join(LIFT_MODES)}")
+    from graphs.lift import EXPORT_MODES
+
+    if lift_mode not in EXPORT_MODES:
+        raise ExportError(f"--code {lift_mode}: unknown lift mode; choose one of {', '.join(EXPORT_MODES)}")
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision}: unknown; choose one of {', '.join(PRECISIONS)}")
     if provider not in PROVIDERS:
@@ -135,6 +137,23 @@ def say_remote_files(folder: Path, log: Callable[[str], None]) -> None:
 
     files = remote_code_files(folder)
     log(f"[export] --trust-remote-code will run code from {folder}: {', '.join(files) if files else 'no .py file found'}")
+
+
+def table_mode(cfg, lift_mode: str, out: Path, folder: Path, precision: str,
+               log: Callable[[str], None]) -> tuple[str, Path]:
+    """A checkpoint with an input embedding table exports in lift mode table, and only it does."""
+    from graphs.lift import TABLE_MODE
+
+    if cfg.input_table and lift_mode != TABLE_MODE:
+        log(f"[export] {folder.name} has an input embedding table [{cfg.vocab_size}, {cfg.hidden_size}] (a learned-table "
+            f"model, not table-free): exporting with lift mode {TABLE_MODE} instead of {lift_mode}")
+        if out == default_out(folder.name, lift_mode, precision):
+            out = default_out(folder.name, TABLE_MODE, precision)
+        return TABLE_MODE, out
+    if lift_mode == TABLE_MODE and not cfg.input_table:
+        raise ExportError(f"--code {TABLE_MODE}: {folder} has no input embedding table (embed_tokens.weight / wte.weight "
+                          "[V, d]); a table-free checkpoint exports with --code bitwise, arith or lookup")
+    return lift_mode, out
 
 
 def note_folder_code(folder: Path, log: Callable[[str], None]) -> None:
@@ -234,6 +253,15 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
             say_remote_files(folder, log)
         key_map = read_key_map(key_map)
         lm = load_reference(folder, key_map, overrides)  # validates everything before the long stages
+        lift_mode, table_out = table_mode(lm.cfg, lift_mode, out, folder, precision, log)
+        if table_out != out:
+            out = table_out
+            check_arguments(out, lift_mode, precision, provider, opset, force, trust_remote_code, overrides,
+                            kv_graph, folder)
+        if kv_graph and lm.cfg.rope_dim != lm.cfg.head_size:  # before any long stage (#10: no silent drop)
+            raise ExportError(f"cannot build {KV_MODEL_FILE}: its attention op rotates whole heads and this model "
+                              f"rotates {lm.cfg.rope_dim} of {lm.cfg.head_size} dims per head (partial rotary); pass "
+                              f"--no-kv-graph (the runtime then serves every call with {MODEL_FILE})")
         if trust_remote_code:
             from .remote import check_remote
 

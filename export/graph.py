@@ -80,7 +80,7 @@ def export_graph(lm, work: Path, lift_mode: str, opset: int, stages: Stages, lif
     import onnx
     import onnx_ir as ir
 
-    from graphs.lift import attach_lift, check_no_vocab_table
+    from graphs.lift import TABLE_MODE, attach_lift, check_no_vocab_table, table_initializer
     from graphs.optimize import add_logits_to_keep, fuse_rotary, name_dims, remove_dead
     from graphs.passes import name_nodes, name_weights, optimize
 
@@ -99,10 +99,16 @@ def export_graph(lm, work: Path, lift_mode: str, opset: int, stages: Stages, lif
         del body
     with stages("lift"):
         proto = onnx.load(str(path), load_external_data=False)
-        proto = attach_lift(proto, lift_code if lift_code is not None else lm.cfg.code, lift_mode, lm.cfg.vocab_size)
-        check_no_vocab_table(proto, lm.cfg.vocab_size, lm.cfg.hidden_size)
+        table = None  # the learned-table baseline's input table, appended to the weights file
+        if lift_mode == TABLE_MODE:
+            table = table_initializer(lm.embed_tokens.weight.detach().numpy(), work / DATA_FILE)
+        proto = attach_lift(proto, lift_code if lift_code is not None else lm.cfg.code, lift_mode, lm.cfg.vocab_size,
+                            table=table)
+        if lift_mode != TABLE_MODE:  # the invariant is waived for the baseline's table only (manifest: lift)
+            check_no_vocab_table(proto, lm.cfg.vocab_size, lm.cfg.hidden_size)
         add_logits_to_keep(proto)  # prompts skip the vocabulary head on all but the last position
-        if lm.cfg.rope_pairing == "rotate_half":  # decode speed depends on it: a miss is an error, not a slow artifact
+        # decode speed depends on the fusion: a miss is an error, not a slow artifact (whole-head RoPE only)
+        if lm.cfg.rope_pairing == "rotate_half" and lm.cfg.rope_dim == lm.cfg.head_size:
             cfg = lm.cfg
             fused = fuse_rotary(proto, cfg.num_attention_heads, cfg.head_size, cfg.rope_theta, cfg.max_position_embeddings)
             if fused != 2 * cfg.num_hidden_layers:

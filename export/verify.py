@@ -220,8 +220,9 @@ def gate_units(cfg: ModelConfig, kv_graph: bool = False) -> int:
 
 
 def check_lift(report: Report, model_path: Path, cfg: ModelConfig, providers: list[str], chunk: int = LIFT_CHUNK,
-               tick: Callable[..., None] | None = None) -> None:
-    """Exhaustive: the artifact's own lift nodes give exactly reference.lift.lift for all V ids."""
+               tick: Callable[..., None] | None = None, table: np.ndarray | None = None) -> None:
+    """Exhaustive: the artifact's own lift nodes give exactly reference.lift.lift for all V ids (or,
+    for a learned-table model, exactly the rows of its `table`)."""
     try:
         proto = onnx.load(str(model_path), load_external_data=False)
         sub = extract_lift(proto, model_path.parent)
@@ -239,7 +240,8 @@ def check_lift(report: Report, model_path: Path, cfg: ModelConfig, providers: li
     for start in range(0, cfg.vocab_size, chunk):
         ids = np.arange(start, min(start + chunk, cfg.vocab_size), dtype=np.int64)[None]
         got = sess.run(None, {INPUT_IDS: ids})[0]
-        want = lift(torch.from_numpy(ids), cfg.code, cfg.hidden_size).numpy().astype(got.dtype)
+        want = (table[ids] if table is not None else
+                lift(torch.from_numpy(ids), cfg.code, cfg.hidden_size).numpy()).astype(got.dtype)
         rows_bad = np.nonzero(~np.all(got[0] == want[0], axis=-1))[0]
         bad += len(rows_bad)
         if tick is not None:
@@ -247,6 +249,8 @@ def check_lift(report: Report, model_path: Path, cfg: ModelConfig, providers: li
         if first_bad is None and len(rows_bad):
             first_bad = int(ids[0, rows_bad[0]])
     detail = "" if not bad else f"first differing id {first_bad}"
+    if table is not None:
+        detail = "; ".join(x for x in ("the input table's rows", detail) if x)
     report.add("lift exhaustive (all V ids)", f"{cfg.vocab_size - bad}/{cfg.vocab_size}", "== reference", bad == 0,
                detail=detail)
 
@@ -316,6 +320,7 @@ class Expected:
     held_ids: np.ndarray
     held_source: str
     held_logits: np.ndarray
+    table: np.ndarray | None = None  # a learned-table model's input table: the lift check compares its rows
 
 
 def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = print, seed: int = 0,
@@ -345,7 +350,8 @@ def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = pri
     bar.advance(1, "reference: held-out logits")
     return Expected(cfg=cfg, batch_ids=batch_ids, batch_logits=batch_logits, seq_ids=seq_ids, seq_logits=seq_logits,
                     prompt=prompt, greedy_tokens=greedy, padded_rows=padded_rows, held_ids=held_ids,
-                    held_source=held_source, held_logits=held_logits)
+                    held_source=held_source, held_logits=held_logits,
+                    table=lm.embed_tokens.weight.detach().numpy() if cfg.input_table else None)
 
 
 def run_gate(folder: Path, e: Expected, precision: str = "fp32", provider: str = "cpu",
@@ -360,7 +366,7 @@ def run_gate(folder: Path, e: Expected, precision: str = "fp32", provider: str =
     m = OrtLM(folder, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size, providers)
     tick = (bar or NoBar()).advance
 
-    check_lift(report, folder / MODEL_FILE, cfg, providers, tick=tick)
+    check_lift(report, folder / MODEL_FILE, cfg, providers, tick=tick, table=e.table)
 
     # 1. a prompt batch, full sequence, empty past
     ids, want = e.batch_ids, e.batch_logits

@@ -7,6 +7,10 @@ providers differ in which integer operators they implement:
 - `arith`:   int64 Div / Mod by powers of two (every provider, CUDA included);
 - `lookup`:  Gather from a constant table of the V recoded K-bit codes (uint16 when K <= 16, so the
              table costs V*K bits), then unpacked with int32 Div / Mod.
+- `table`:   not a lift: Gather from a learned [V, d] input embedding table, for the paper's
+             learned-table baseline (`input_table` checkpoints) only, so that it and the table-free
+             model are exported and compared by one tool. The "no V x d table" invariant is waived
+             for this mode alone, and the manifest says so.
 
 Recoding c~ = (A c + b) mod 2 is a float MatMul with A^T, Add b, Mod 2: every intermediate is a
 small integer (<= K + 1), so float32 is exact. No step holds a V x d constant: bitwise/arith carry
@@ -29,7 +33,10 @@ from runtime.interface import INPUT_IDS, INPUTS_EMBEDS, LIFT_MODES
 
 from .maps import consumers, producers
 PREFIX = "/model/embed/lift"
-MIN_OPSET = {"bitwise": 18, "arith": 13, "lookup": 13}  # BitwiseAnd is opset 18; Unsqueeze axes-as-input 13
+MIN_OPSET = {"bitwise": 18, "arith": 13, "lookup": 13, "table": 13}  # BitwiseAnd is opset 18; Unsqueeze axes-as-input 13
+TABLE_MODE = "table"  # a learned input table: the baseline's input, never a table-free model's
+EXPORT_MODES = (*LIFT_MODES, TABLE_MODE)  # what the exporter accepts; the SPEC lift modes plus the baseline's
+TABLE_NAME = f"{PREFIX}/table/weight"
 
 
 class LiftGraphError(ValueError):
@@ -138,8 +145,8 @@ def _tile(g: _Builder, v: str, code: CodeConfig, width: int, out: str) -> str:
 
 
 def _check(code: CodeConfig, width: int, mode: str, opset: int) -> None:
-    if mode not in LIFT_MODES:
-        raise LiftGraphError(f"lift mode {mode!r} is not one of {LIFT_MODES}")
+    if mode not in EXPORT_MODES:
+        raise LiftGraphError(f"lift mode {mode!r} is not one of {EXPORT_MODES}")
     try:
         code.validate()
     except ValueError as e:
@@ -151,11 +158,22 @@ def _check(code: CodeConfig, width: int, mode: str, opset: int) -> None:
 
 
 def lift_nodes(code: CodeConfig, width: int, mode: str, opset: int, vocab_size: int | None = None,
-               ids: str = INPUT_IDS, out: str = INPUTS_EMBEDS) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The lift as (nodes, initializers) reading `ids` and writing `out`: what both entry points share."""
+               ids: str = INPUT_IDS, out: str = INPUTS_EMBEDS, table: onnx.TensorProto | None = None,
+               ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The lift as (nodes, initializers) reading `ids` and writing `out`: what both entry points share.
+
+    `table` (mode "table" only): the [V, width] input table, e.g. from `table_initializer`."""
     _check(code, width, mode, opset)
     V = vocab_size if vocab_size is not None else 1 << code.bits
     g = _Builder()
+    if mode == TABLE_MODE:
+        if table is None or list(table.dims) != [V, width]:
+            got = None if table is None else list(table.dims)
+            raise LiftGraphError(f"lift mode table needs the [{V}, {width}] input table (got {got}); "
+                                 "only checkpoints with an input embedding table export in this mode")
+        g.inits.append(table)
+        g.op("table", "Gather", [table.name, ids], out=out, axis=0)
+        return g.nodes, g.inits
     if mode == "bitwise":
         bits = _bits_bitwise(g, ids, code)
     elif mode == "arith":
@@ -200,7 +218,28 @@ def _default_opset(model: onnx.ModelProto) -> int:
     raise LiftGraphError("the body model imports no default-domain opset; it is not a traced ONNX model")
 
 
-def attach_lift(body: onnx.ModelProto, code: CodeConfig, mode: str, vocab_size: int | None = None) -> onnx.ModelProto:
+def table_initializer(table: np.ndarray, data_path: str | Path) -> onnx.TensorProto:
+    """The [V, d] float32 input table as an initializer whose bytes are appended to `data_path`
+    (the body's external data file, 64-byte aligned), so model.onnx itself stays small."""
+    data_path = Path(data_path)
+    arr = np.ascontiguousarray(table, dtype=np.float32)
+    with open(data_path, "ab") as f:
+        pad = -f.tell() % 64
+        f.write(b"\0" * pad)
+        offset = f.tell()
+        f.write(arr.tobytes())
+    t = onnx.TensorProto()
+    t.name, t.data_type = TABLE_NAME, TensorProto.FLOAT
+    t.dims.extend(arr.shape)
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(arr.nbytes))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
+
+
+def attach_lift(body: onnx.ModelProto, code: CodeConfig, mode: str, vocab_size: int | None = None,
+                table: onnx.TensorProto | None = None) -> onnx.ModelProto:
     """Replace the body's first input `inputs_embeds` [batch, seq, d] by `input_ids` int64 + the lift.
 
     Works on the graph only, in place and returned: the body may be loaded with
@@ -218,7 +257,7 @@ def attach_lift(body: onnx.ModelProto, code: CodeConfig, mode: str, vocab_size: 
     width = int(dims[2].dim_value)
     if any(i.name == INPUT_IDS for i in g.input):
         raise LiftGraphError(f"the body already has an input named {INPUT_IDS!r}")
-    nodes, inits = lift_nodes(code, width, mode, _default_opset(body), vocab_size)
+    nodes, inits = lift_nodes(code, width, mode, _default_opset(body), vocab_size, table=table)
     taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
     clash = sorted(taken & ({t.name for t in inits} | {o for n in nodes for o in n.output if o != INPUTS_EMBEDS}))
     if clash:
@@ -396,6 +435,9 @@ def check_no_vocab_table(model: onnx.ModelProto, vocab_size: int, width: int, bi
 
 
 __all__ = [
+    "EXPORT_MODES",
+    "TABLE_MODE",
+    "table_initializer",
     "LiftGraphError",
     "build_lift_graph",
     "attach_lift",

@@ -33,7 +33,7 @@ KeyMap = dict[str, "str | None"]
 KEY_MAP_HELP = '--key-map FILE.json (a JSON object {"foreign name or regex": "canonical name" or null})'
 
 CANONICAL_RE = re.compile(
-    r"code\.[Ab]|lm_head\.weight|ln_f\.(weight|bias)"
+    r"code\.[Ab]|lm_head\.weight|embed_tokens\.weight|ln_f\.(weight|bias)"
     r"|layers\.\d+\.(ln1|ln2)\.(weight|bias)"
     r"|layers\.\d+\.attn\.(q|k|v|o|qkv)_proj\.(weight|bias)"
     r"|layers\.\d+\.attn\.qkv_heads\.(weight|bias)"
@@ -57,6 +57,7 @@ PATTERNS: list[tuple[re.Pattern[str], str | None]] = [
         (r"transformer\.h\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"layers.\1.mlp.up_proj.\2"),
         (r"transformer\.h\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"layers.\1.mlp.down_proj.\2"),
         (r"transformer\.ln_f\.(weight|bias)", r"ln_f.\1"),
+        (r"(?:transformer\.|model\.)?(?:wte|embed_tokens)\.weight|gpt_neox\.embed_in\.weight", "embed_tokens.weight"),
         (r"transformer\.h\.\d+\.attn\.(bias|masked_bias)", None),  # causal-mask buffers
         # Llama style (and Phi's fc1/fc2, Phi-3's fused qkv_proj)
         (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o|qkv)_proj\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
@@ -100,11 +101,14 @@ def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         add(f"{p}.ln1", (d,), cfg.norm_bias)
         for n in "qkvo":
             add(f"{p}.attn.{n}_proj", (d, d), cfg.attention_bias)
-        add(f"{p}.ln2", (d,), cfg.norm_bias)
+        if cfg.has_ln2:
+            add(f"{p}.ln2", (d,), cfg.norm_bias)
         add(f"{p}.mlp.up_proj", (f, d), cfg.mlp_bias)
         add(f"{p}.mlp.down_proj", (d, f), cfg.mlp_bias)
     add("ln_f", (d,), cfg.norm_bias)
     out["lm_head.weight"] = (V, d)
+    if cfg.input_table:  # the learned-input-table baseline (lift mode "table")
+        out["embed_tokens.weight"] = (V, d)
     return out
 
 
@@ -200,9 +204,12 @@ def map_tensors(infos: dict[str, TensorInfo], key_map: KeyMap, code_bits: int, f
 
 
 def detect_biases(cfg: ModelConfig, names: set[str]) -> None:
-    """Bias flags come from the weights, not from the config."""
+    """Bias flags, an input table and a one-norm block come from the weights, not from the config."""
     for flag, pattern in _BIASES.items():
         setattr(cfg, flag, any(pattern.fullmatch(n) for n in names))
+    cfg.input_table = "embed_tokens.weight" in names  # the learned-table baseline, recognised by its table
+    if not any(".ln2." in n for n in names) and any(".ln1." in n for n in names):
+        cfg.parallel_residual, cfg.parallel_norms = True, 1  # one norm per block: GPT-J's parallel layout
 
 
 def _size_hint(cfg: ModelConfig, mapped: dict[str, TensorInfo]) -> str:

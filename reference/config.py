@@ -20,6 +20,9 @@ TILINGS = ("repeat", "interleave")
 NORM_TYPES = ("layernorm", "rmsnorm")
 ROPE_PAIRINGS = ("rotate_half", "interleaved")
 ACTIVATIONS = ("gelu", "gelu_tanh")
+PARALLEL_NORMS = (1, 2)  # parallel residual: one norm feeds both branches (GPT-J) or one each (GPT-NeoX)
+# fraction-of-head spellings of the rotary width (GPT-NeoX rotary_pct, HF partial_rotary_factor)
+_ROTARY_FRACTIONS = ("rotary_pct", "partial_rotary_factor")
 
 # Foreign config keys -> our keys. nanoGPT, GPT-2, Llama/NeoX and the author's own spellings.
 CONFIG_ALIASES: dict[str, str] = {
@@ -46,6 +49,9 @@ CONFIG_ALIASES: dict[str, str] = {
     "rms_norm_eps": "layer_norm_eps",
     "rotary_base": "rope_theta",
     "rope_base": "rope_theta",
+    "rotary_emb_base": "rope_theta",  # GPT-NeoX
+    "use_parallel_residual": "parallel_residual",  # GPT-NeoX
+    "parallel_attn": "parallel_residual",  # Falcon
     "activation_function": "hidden_act",
 }
 
@@ -203,6 +209,13 @@ class ModelConfig:
     attention_bias: bool = True
     mlp_bias: bool = True
     norm_bias: bool = True
+    # block variants of the published decoders (defaults: the seed's sequential pre-LN, full rotary)
+    parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln(x)) instead of h = x + attn; h + mlp(ln2(h))
+    parallel_norms: int = 2  # with parallel_residual: 2 = the MLP reads ln2(x) (NeoX), 1 = ln1(x) (GPT-J, no ln2)
+    rotary_dim: int | None = None  # RoPE on the first rotary_dim features of each head; None = the whole head
+    # the input vector is a row of a learned [V, d] table (embed_tokens.weight), not the code: the
+    # paper's learned-input-table baseline, exported with lift mode "table" for comparison
+    input_table: bool = False
     code: CodeConfig = field(default_factory=CodeConfig)
     bos_token_id: int | None = 57345
     eos_token_id: int | None = 57346
@@ -217,6 +230,16 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """How many features of each head RoPE rotates (rotary_dim, or the whole head)."""
+        return self.head_size if self.rotary_dim is None else int(self.rotary_dim)
+
+    @property
+    def has_ln2(self) -> bool:
+        """Whether blocks hold a second norm (all but the one-norm parallel residual)."""
+        return not (self.parallel_residual and self.parallel_norms == 1)
 
     def validate(self) -> None:
         """Refuse configs that no model could follow, before any weight is read: types, then ranges."""
@@ -253,6 +276,21 @@ class ModelConfig:
         ):
             if value not in allowed:
                 raise ConfigError(f"{name} = {value!r} is not one of {allowed}; fix config.json")
+        self._validate_variants()
+
+    def _validate_variants(self) -> None:
+        if not isinstance(self.parallel_residual, bool):
+            raise ConfigError(f"parallel_residual = {self.parallel_residual!r} must be true or false")
+        if self.parallel_norms not in PARALLEL_NORMS:
+            raise ConfigError(f"parallel_norms = {self.parallel_norms!r} is not one of {PARALLEL_NORMS} "
+                              "(1: GPT-J style, one norm feeds both branches; 2: GPT-NeoX style)")
+        if self.rotary_dim is not None:
+            rd = self.rotary_dim
+            if isinstance(rd, bool) or not isinstance(rd, int) or not 2 <= rd <= self.head_size or rd % 2:
+                raise ConfigError(f"rotary_dim = {rd!r} must be an even integer in 2..{self.head_size} (the head size); "
+                                  "fix config.json (rotary_pct / partial_rotary_factor give it as a fraction)")
+        if not isinstance(self.input_table, bool):
+            raise ConfigError(f"input_table = {self.input_table!r} must be true or false")
 
     # -- config.json --------------------------------------------------------------------------
     def to_dict(self, with_matrix: bool = False) -> dict[str, Any]:
@@ -282,7 +320,15 @@ class ModelConfig:
             code_kwargs["bits"] = code_width(int(d["vocab_size"]))
         known = {f.name for f in fields(cls)} - {"code"}
         kwargs = {k: v for k, v in d.items() if k in known}
-        return cls(code=CodeConfig(**code_kwargs), **kwargs)
+        cfg = cls(code=CodeConfig(**code_kwargs), **kwargs)
+        fraction = next((raw[k] for k in _ROTARY_FRACTIONS if raw.get(k) is not None), None)
+        if cfg.rotary_dim is None and fraction is not None:
+            try:  # GPT-NeoX: rotary_ndims = int(head_size * rotary_pct)
+                rd = int(cfg.head_size * float(fraction))
+            except (TypeError, ValueError, ZeroDivisionError):
+                raise ConfigError(f"rotary fraction {fraction!r} is not a number in (0, 1]; fix config.json") from None
+            cfg.rotary_dim = None if rd == cfg.head_size else rd
+        return cfg
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":

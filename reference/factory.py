@@ -103,10 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="stored dtype of the float tensors")
     p.add_argument("--shard-size", type=int, default=None, metavar="BYTES", help="write shards of at most BYTES plus an index")
     p.add_argument("--tokenizer-dir", default=None, help="copy tokenizer.json and its configs from this folder")
+    p.add_argument("--input-table", action="store_true",
+                   help="the learned-input-table sibling: an embed_tokens.weight [V, d] table instead of the code "
+                        "(every other tensor equal to the table-free checkpoint of the same seed)")
     args = p.parse_args(argv)
     A, b = random_invertible_gf2(16, seed=args.seed)
     cfg = tiny_config() if args.size == "tiny" else full_config()
     cfg.code = CodeConfig(bits=cfg.code.bits, A=A, b=b)
+    cfg.input_table = args.input_table
     try:
         out = make_checkpoint(args.out, cfg, seed=args.seed, dtype=args.dtype, shard_size_bytes=args.shard_size,
                               tokenizer_dir=args.tokenizer_dir)

@@ -1,7 +1,9 @@
 """The table-free decoder (SPEC 1.2) in plain PyTorch, readable in one sitting.
 
-The input vector of token t is `lift(t)`, not a row of a table. Everything after it is a
-pre-norm GPT block with rotary positions. The KV cache is explicit: `forward` takes the past
+The input vector of token t is `lift(t)`, not a row of a table (`input_table` is the paper's
+learned-table baseline, kept for comparison). Everything after it is a pre-norm GPT block with
+rotary positions; the published decoder variants are config fields: a parallel residual with one
+norm (GPT-J) or two (GPT-NeoX), and RoPE on the first `rotary_dim` features of a head only. The KV cache is explicit: `forward` takes the past
 keys/values per layer and returns the present ones, so one function serves prefill and decode,
 exactly like the exported graph.
 """
@@ -35,15 +37,19 @@ class Norm(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Angles from position ids: [B, S] -> cos, sin of shape [B, 1, S, head_size/2]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+def rope_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angles from position ids: [B, S] -> cos, sin of shape [B, 1, S, rotary_dim/2]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
     angles = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq
     return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str) -> torch.Tensor:
-    """Rotate pairs of x [B, H, S, hs]: (i, i + hs/2) for rotate_half, (2i, 2i+1) for interleaved."""
+    """Rotate pairs of x [B, H, S, hs]: (i, i + r/2) for rotate_half, (2i, 2i+1) for interleaved, over the
+    first r = 2 * cos.shape[-1] features; the rest pass through (partial rotary, as GPT-NeoX / GPT-J)."""
+    r = 2 * cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :r], cos, sin, pairing), x[..., r:]), dim=-1)
     if pairing == "rotate_half":
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -91,13 +97,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Sequential pre-LN (the seed), or parallel: both branches read the block input x."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.parallel = cfg.parallel_residual
         self.ln1, self.attn = Norm(cfg), Attention(cfg)
-        self.ln2, self.mlp = Norm(cfg), MLP(cfg)
+        self.ln2 = Norm(cfg) if cfg.has_ln2 else None
+        self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, bias, past: KV | None) -> tuple[torch.Tensor, KV]:
-        a, present = self.attn(self.ln1(x), cos, sin, bias, past)
+        n1 = self.ln1(x)
+        a, present = self.attn(n1, cos, sin, bias, past)
+        if self.parallel:
+            return x + a + self.mlp(n1 if self.ln2 is None else self.ln2(x)), present
         h = x + a
         return h + self.mlp(self.ln2(h)), present
 
@@ -141,11 +154,15 @@ class TableFreeLM(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.code = Code(cfg)
+        if cfg.input_table:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.ln_f = Norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.cfg.input_table:
+            return self.embed_tokens(input_ids)
         return self.code(input_ids, self.cfg.hidden_size)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -159,7 +176,7 @@ class TableFreeLM(nn.Module):
             attention_mask = torch.ones(B, P + S, dtype=torch.int64, device=x.device)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, S)
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_size, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.rope_dim, self.cfg.rope_theta)
         bias = attention_bias(attention_mask, P, S)
         presents: list[KV] = []
         for i, layer in enumerate(self.layers):

@@ -136,14 +136,26 @@ def test_artifact_computes_what_the_folders_code_computes(remote_artifact, remot
     assert model.generate([int(t) for t in ids[0, :5]], max_new_tokens=16).ids == seq[5:]
 
 
+def test_a_scale_an_author_would_pick_is_found(tmp_path, bvv241_dir):
+    """embedding_scale 2 = sqrt(d/K) at d 64, K 16: one of the scales the search tries; found on the lift alone."""
+    from export.build import load_reference
+    from export.remote import check_remote
+
+    folder = make_folder(tmp_path / "fixcode_sqrt", bvv241_dir, embedding_scale=2.0)
+    check = check_remote(folder, load_reference(folder, None, {}), log=lambda m: None)
+    assert check.changed["scale"] == (1.0, 2.0) and check.max_rel_diff <= 1e-4
+    assert check.stages["agree"] and check.stages["first_difference"] is None
+    assert check.steps[0]["differs_at"] == "the lift"  # the first step searched the code's fields
+
+
 def test_code_outside_the_spec_is_refused(tmp_path, bvv241_dir):
-    """A scale the config does not describe: no combination matches, nothing is written."""
-    folder = make_folder(tmp_path / "fixcode_scaled", bvv241_dir, embedding_scale=2.0)
+    """A scale no author would pick (3): the lift never agrees, the refusal says so, nothing is written."""
+    folder = make_folder(tmp_path / "fixcode_scaled", bvv241_dir, embedding_scale=3.0)
     out = tmp_path / "art"
     with pytest.raises(ExportError) as e:
         build(folder, out, lift_mode="arith", trust_remote_code=True, log=lambda m: None)
     msg = str(e.value)
-    assert "all 64 combinations" in msg and "nothing was exported" in msg
+    assert "Stage by stage on the probe ids: the lift differs" in msg and "Nothing was exported" in msg, msg
     assert not out.exists() and not list(tmp_path.glob(".art*"))
 
 
