@@ -55,7 +55,7 @@ def make_pair(root: Path, seed: int = 0) -> tuple[Path, Path]:
             bench.log(f"compare: writing the {name} checkpoint ({PAIR_SHAPE})")
             ckpt = make_checkpoint(root / f"{name}-ckpt", cfg, seed=seed)
             t0 = time.perf_counter()
-            build(ckpt, art, code="table" if table else "arith", force=True, log=bench.log)
+            build(ckpt, art, lift_mode="table" if table else "arith", force=True, log=bench.log)
             bench.log(f"compare: exported {name} in {time.perf_counter() - t0:.0f} s")
         outs.append(art)
     return outs[0], outs[1]

@@ -258,10 +258,6 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
             out = table_out
             check_arguments(out, lift_mode, precision, provider, opset, force, trust_remote_code, overrides,
                             kv_graph, folder)
-        if kv_graph and lm.cfg.rope_dim != lm.cfg.head_size:  # before any long stage (#10: no silent drop)
-            raise ExportError(f"cannot build {KV_MODEL_FILE}: its attention op rotates whole heads and this model "
-                              f"rotates {lm.cfg.rope_dim} of {lm.cfg.head_size} dims per head (partial rotary); pass "
-                              f"--no-kv-graph (the runtime then serves every call with {MODEL_FILE})")
         if trust_remote_code:
             from .remote import check_remote
 
@@ -272,6 +268,10 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
         else:
             note_folder_code(folder, log)
     cfg = lm.cfg
+    if kv_graph and cfg.rope_dim != cfg.head_size:  # before the long stages: no kv graph is never silent
+        raise ExportError(f"cannot build {KV_MODEL_FILE}: its attention op rotates whole heads and this model "
+                          f"rotates {cfg.rope_dim} of {cfg.head_size} dims per head (partial rotary); pass "
+                          f"--no-kv-graph (the runtime then serves every call with {MODEL_FILE})")
     del lm  # the trace runs in a child process and the gate reloads the reference (export_isolated)
     log(f"[export] model {folder} (V {cfg.vocab_size}, d {cfg.hidden_size}, {cfg.num_hidden_layers} layers) "
         f"-> {out} [{lift_mode}, {precision}, opset {opset}]")

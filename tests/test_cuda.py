@@ -44,7 +44,7 @@ def artifact(request, tmp_path_factory) -> Path:
     from export.build import build
 
     out = tmp_path_factory.mktemp(f"cuda-{request.param}") / "artifact"
-    return build(DEMO, out, code=request.param, provider="cuda", log=lambda msg: None)
+    return build(DEMO, out, lift_mode=request.param, provider="cuda", log=lambda msg: None)
 
 
 @pytest.fixture(scope="module")

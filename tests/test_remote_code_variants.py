@@ -97,7 +97,7 @@ def test_parallel_residual_folder_exports_and_matches_its_code(tmp_path, bvv241_
     """config.json omits use_parallel_residual (the code's default is True): the search finds it."""
     folder = make_folder(tmp_path / "neox_parallel", bvv241_dir, rotary_pct=1.0)
     logs: list[str] = []
-    out = build(folder, tmp_path / "art", code="arith", trust_remote_code=True, log=logs.append)
+    out = build(folder, tmp_path / "art", lift_mode="arith", trust_remote_code=True, log=logs.append)
     check = json.loads((out / "manifest.json").read_text())["source"]["remote_code"]
     assert {k: v["now"] for k, v in check["changed"].items()} == {"bit_order": "msb_first", "parallel_residual": True}
     assert [s["differs_at"] for s in check["search_steps"]] == ["the lift", "layers.0's MLP input"]
@@ -110,7 +110,10 @@ def test_parallel_residual_folder_exports_and_matches_its_code(tmp_path, bvv241_
 def test_partial_rotary_folder_exports_and_matches_its_code(tmp_path, bvv241_dir):
     """config.json omits rotary_pct (the code's default 0.25) and names the base as NeoX does."""
     folder = make_folder(tmp_path / "neox_rotary", bvv241_dir, use_parallel_residual=False, rotary_emb_base=500)
-    out = build(folder, tmp_path / "art", code="arith", trust_remote_code=True, log=lambda m: None)
+    with pytest.raises(ExportError, match="partial rotary.*--no-kv-graph"):  # never a silent drop of the kv graph
+        build(folder, tmp_path / "refused", lift_mode="arith", trust_remote_code=True, log=lambda m: None)
+    assert not (tmp_path / "refused").exists()
+    out = build(folder, tmp_path / "art", lift_mode="arith", trust_remote_code=True, kv_graph=False, log=lambda m: None)
     manifest = json.loads((out / "manifest.json").read_text())
     check = manifest["source"]["remote_code"]
     hs = D // HEADS
@@ -118,7 +121,7 @@ def test_partial_rotary_folder_exports_and_matches_its_code(tmp_path, bvv241_dir
     assert [s["differs_at"] for s in check["search_steps"]] == ["the lift", "layers.0's attention"]
     config = json.loads((out / "config.json").read_text())
     assert config["rotary_dim"] == hs // 4 and config["rope_theta"] == 500  # the base came from rotary_emb_base
-    assert manifest["kv_graph"]["file"] is None and "partial rotary" in manifest["kv_graph"]["reason"]
+    assert manifest["kv_graph"]["file"] is None
     assert_artifact_matches_folder(out, folder)
 
 
@@ -147,7 +150,7 @@ def test_post_ln_block_is_refused_naming_the_first_differing_stage(tmp_path, bvv
                          post_layernorm=True)
     out = tmp_path / "art"
     with pytest.raises(ExportError) as e:
-        build(folder, out, code="arith", trust_remote_code=True, log=lambda m: None)
+        build(folder, out, lift_mode="arith", trust_remote_code=True, log=lambda m: None)
     msg = str(e.value)
     assert "Stage by stage on the probe ids: the lift agrees; layers.0's attention input differs" in msg, msg
     assert "not pre-LN" in msg and "closest: bit_order lsb_first -> msb_first" in msg and "Nothing was exported" in msg
@@ -201,7 +204,8 @@ def make_gptj_folder(folder: Path, tokenizer_dir: Path) -> Path:
 def test_gptj_style_folder_exports_and_matches_its_code(tmp_path, bvv241_dir):
     """One-norm parallel block (recognised from the tensors: no ln2), interleaved partial RoPE, scaled +-1 code."""
     folder = make_gptj_folder(tmp_path / "gptj", bvv241_dir)
-    out = build(folder, tmp_path / "art", code="arith", trust_remote_code=True, key_map=GPTJ_KEY_MAP, log=lambda m: None)
+    out = build(folder, tmp_path / "art", lift_mode="arith", trust_remote_code=True, key_map=GPTJ_KEY_MAP,
+                kv_graph=False, log=lambda m: None)  # half-head RoPE: no kv graph
     check = json.loads((out / "manifest.json").read_text())["source"]["remote_code"]
     hs = D // HEADS
     assert {k: v["now"] for k, v in check["changed"].items()} == {

@@ -26,7 +26,7 @@ def table_ckpt(tmp_path_factory, bvv241_dir):
 @pytest.fixture(scope="module")
 def table_artifact(tmp_path_factory, table_ckpt):
     logs: list[str] = []
-    out = build(table_ckpt, tmp_path_factory.mktemp("table_out") / "art", code="arith", log=logs.append)
+    out = build(table_ckpt, tmp_path_factory.mktemp("table_out") / "art", lift_mode="arith", log=logs.append)
     return out, logs
 
 
@@ -83,7 +83,7 @@ def test_lift_check_catches_a_wrong_table_row(table_artifact, table_ckpt):
 
 def test_table_mode_on_a_table_free_checkpoint_is_refused(tiny_ckpt, tmp_path):
     with pytest.raises(ExportError, match="has no input embedding table"):
-        build(tiny_ckpt, tmp_path / "o", code="table", log=lambda m: None)
+        build(tiny_ckpt, tmp_path / "o", lift_mode="table", log=lambda m: None)
     assert not (tmp_path / "o").exists()
 
 
