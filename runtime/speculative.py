@@ -1,7 +1,7 @@
 """Prompt-lookup speculative decoding: guess the next tokens from text already seen, check them in one Run.
 
-Why: a decode step of a small batch reads every weight once for one token, so it is bound by memory
-bandwidth, and feeding k + 1 tokens costs little more than feeding one. When the continuation repeats
+Why: a decode step of a small batch reads every weight once for one token; where that makes it
+bound by memory bandwidth (the full-size model), feeding k + 1 tokens costs little more than one. When the continuation repeats
 something in the prompt or in the text so far (quoting, editing, summarising, code), a guess taken
 from there is often right, and each right guess is a token that did not need its own step.
 
@@ -22,20 +22,23 @@ restricted to tokens != d. Drawing it that way uses one uniform per emitted toke
 sampling does, so a seeded speculative run takes the same random numbers as a seeded plain one, and
 greedy (the argmax) is the special case p = one-hot. The distribution of the output is unchanged.
 
-Backing off: a wrong draft costs its fed positions (on the demo model a Run of 9 tokens takes
-about 2.3 times one of 1). So the draft length adapts as in Hugging Face's assisted generation:
-it starts at FIRST_DRAFT, grows by 2 (up to DRAFT_TOKENS) after a draft accepted whole and shrinks
-by 1 (down to 1) after one that was not; and after MISSES_BEFORE_PAUSE verifies in a row that
-accept nothing, drafting pauses for a number of tokens that doubles each time (up to MAX_PAUSE),
-so text that never repeats pays under 1% (3 one-token drafts per 64 plain steps at worst); an
-accepted draft sets the pause back to one token. The policy was chosen by replaying the greedy continuations of the
-benchmark's prompts against each policy (benchmarks/RESULTS.md); batches (B > 1) and caches
-without `verify` (model.onnx) decode plainly.
+Backing off: a wrong draft costs its fed positions. On the demo model (d 128, a 65,536-row head)
+the head's matrix product grows with the positions fed: a verify Run of 2-5 tokens costs 1.2-1.5
+steps and one of 9 about 2.3 (on a bandwidth-bound model it would cost about one). So the draft
+length adapts as in Hugging Face's assisted generation: it starts at FIRST_DRAFT, grows by 2 (up
+to DRAFT_TOKENS) after a draft accepted whole and shrinks by 1 (down to 1) after one that was not;
+and after MISSES_BEFORE_PAUSE verifies in a row that accept nothing, drafting pauses for a number
+of tokens that doubles each time (up to MAX_PAUSE), so text that never repeats pays about one
+short verify per 64 tokens; an accepted draft sets the pause back to one token. The settings were
+chosen by replaying the benchmark prompts' greedy continuations against several policies and
+then measuring (benchmarks/RESULTS.md). Batches (B > 1) and caches without `verify` (model.onnx)
+decode plainly. Not the default: on the demo model it loses up to 4% (CPU time) on some prompts
+(sampling at temperature 0.8, where drafts are rarely accepted; a passage the model does not copy).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -47,10 +50,11 @@ if TYPE_CHECKING:  # loop.py imports this module
 
 PROMPT_LOOKUP = "prompt_lookup"
 MODES = ("off", PROMPT_LOOKUP)
-MAX_NGRAM = 3  # longest n-gram matched (n = 3, then 2, then 1)
+MAX_NGRAM = 3  # longest n-gram matched first
+MIN_NGRAM = 1  # shortest n-gram matched
 DRAFT_TOKENS = 8  # the most tokens drafted per verify
 FIRST_DRAFT = 2  # the draft length to start with; +2 after a draft accepted whole, -1 after one that was not
-MISSES_BEFORE_PAUSE = 3
+MISSES_BEFORE_PAUSE = 1
 MAX_PAUSE = 64
 
 
@@ -60,8 +64,8 @@ class PromptLookup:
     An index maps each n-gram to the position after its latest occurrence, kept up to date as tokens
     are appended (O(max_ngram) per token), so a draft costs a few dict lookups, not a scan."""
 
-    def __init__(self, tokens: Sequence[int], max_ngram: int = MAX_NGRAM):
-        self.max_ngram = max_ngram
+    def __init__(self, tokens: Sequence[int], max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.tokens: list[int] = []
         self.index: dict[tuple[int, ...], int] = {}
         for t in tokens:
@@ -77,7 +81,7 @@ class PromptLookup:
     def draft(self, k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the longest matching suffix."""
         toks = self.tokens
-        for n in range(min(self.max_ngram, len(toks)), 0, -1):
+        for n in range(min(self.max_ngram, len(toks)), self.min_ngram - 1, -1):
             start = self.index.get(tuple(toks[-n:]))
             if start is not None:
                 return toks[start:start + k]
@@ -179,17 +183,17 @@ def speculative_steps(cache: "VerifyCache", row: "Row", args: "GenerationArgs", 
             length += 1
 
 
-class VerifyCache:
+class VerifyCache(Protocol):
     """What speculative_steps needs of a cache (runtime/cache.py's SharedBufferCache, batch 1)."""
 
     def prefill(self, ids: np.ndarray, lengths: Sequence[int] | None = None, all_positions: bool = False) -> np.ndarray:
-        raise NotImplementedError
+        """ids [1, S] -> the last position's logits [1, V]."""
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """tokens [1] -> [1, V]."""
 
     def verify(self, tokens: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """tokens [S], appended in one Run -> every one's logits [S, V]."""
 
     def truncate(self, length: int) -> None:
-        raise NotImplementedError
+        """Keep the first `length` tokens of the cache."""
