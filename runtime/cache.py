@@ -255,6 +255,9 @@ class SharedBufferCache:
         b.bind_ortvalue_input(I.SEQLENS_K, self._inputs[I.SEQLENS_K])
         b.bind_ortvalue_input(I.TOTAL_SEQUENCE_LENGTH, self._inputs[I.TOTAL_SEQUENCE_LENGTH])
         self._keep_value = ort.OrtValue.ortvalue_from_numpy(self.keep)
+        self.ort, self.max_len, self.vocab_size = ort, max_len, d.vocab_size
+        self._past_names, self._present_names = I.past_names(d.num_layers), I.present_names(d.num_layers)
+        self._verify: dict[int, tuple[Any, ...]] = {}  # S -> (binding, ids, logits, ids OrtValue)
 
     def prefill(self, ids: np.ndarray, lengths: Sequence[int] | None = None, all_positions: bool = False) -> np.ndarray:
         B, S = ids.shape
@@ -290,3 +293,49 @@ class SharedBufferCache:
         self.sess.run_with_iobinding(self.b)
         self.seqlens += 1
         return self.logits[:, 0]
+
+    # -- speculative decoding (runtime/speculative.py): batch 1 only ---------------------------------
+    def verify(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens [S]: append S tokens to row 0's cache in one Run; the logits of every one [S, V]
+        (a view that the next verify of the same S overwrites). GroupQueryAttention takes S > 1 new
+        tokens after a past for batch 1 (graphs/gqa.py): it writes them at positions L..L+S-1 (L =
+        the cache's length), rotates them by those positions and attends causally up to each."""
+        S = tokens.shape[0]
+        L = int(self.seqlens[0])
+        if self.seqlens.shape[0] != 1 or L + S > self.max_len:
+            raise ValueError(f"verify takes batch 1 within the cache ({L} + {S} > {self.max_len} or batch "
+                             f"{self.seqlens.shape[0]})")
+        b, ids, logits = self._verify_binding(S)
+        ids[0] = tokens
+        self.seqlens[0], self.total[()] = L + S - 1, L + S
+        self.sess.run_with_iobinding(b)
+        self.seqlens[0] = L + S
+        return logits[0]
+
+    def truncate(self, length: int) -> None:
+        """Roll row 0's cache back to its first `length` tokens. Nothing is erased: a Run reads a
+        row only up to seqlens_k (the tokens it holds after that Run), and writes its new tokens at
+        the row's length first, so entries past the length are overwritten before they are read."""
+        if not 0 < length <= int(self.seqlens[0]):
+            raise ValueError(f"truncate to {length} tokens: the cache holds {int(self.seqlens[0])}")
+        self.seqlens[0] = length
+
+    def _verify_binding(self, S: int) -> tuple[Any, np.ndarray, np.ndarray]:
+        """One binding per verify width S, made on first use (S <= the draft length + 1): input ids
+        [1, S] and logits [1, S, V] bound once, like the step's, so a verify makes no binding call."""
+        got = self._verify.get(S)
+        if got is None:
+            b = self.sess.io_binding()
+            logits = np.empty((1, S, self.vocab_size), np.float32)
+            b.bind_output(I.LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            for past, present, buf in zip(self._past_names, self._present_names, self.buffers):
+                b.bind_ortvalue_input(past, buf)
+                b.bind_ortvalue_output(present, buf)
+            ids = np.zeros((1, S), np.int64)
+            ids_value = self.ort.OrtValue.ortvalue_from_numpy(ids)
+            b.bind_ortvalue_input(I.INPUT_IDS, ids_value)
+            b.bind_ortvalue_input(I.SEQLENS_K, self._inputs[I.SEQLENS_K])
+            b.bind_ortvalue_input(I.TOTAL_SEQUENCE_LENGTH, self._inputs[I.TOTAL_SEQUENCE_LENGTH])
+            # logits_to_keep is not bound: its default, 0, keeps every position
+            got = self._verify[S] = (b, ids, logits, ids_value)  # the arrays live as long as the binding
+        return got[0], got[1], got[2]

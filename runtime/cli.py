@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from .artifact import DEFAULT_VERIFY, VERIFY_MODES
 from .errors import TableFreeRuntimeError
+from .speculative import MODES as SPECULATIVE_MODES
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
 
@@ -55,6 +56,9 @@ def _generate_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL repetition penalty (1 = off)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (repeatable); the output ends before it")
+    g.add_argument("--speculative", default="off", choices=SPECULATIVE_MODES,
+                   help="prompt_lookup: draft tokens from earlier text and check them in one step; the same "
+                        "output, faster when the text repeats itself (default off)")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -66,7 +70,7 @@ def _generate(args: argparse.Namespace) -> None:
               temperature=1.0 if args.temperature is None else args.temperature,
               top_k=0 if args.top_k is None else args.top_k, top_p=1.0 if args.top_p is None else args.top_p,
               repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
-              stop=args.stop or None, seed=args.seed)
+              stop=args.stop or None, seed=args.seed, speculative=args.speculative)
     if args.stream:
         for piece in model.stream(args.prompt, **kw):
             sys.stdout.write(piece)

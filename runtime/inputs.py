@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import InputError
 from .sampling import SamplingConfig
+from .speculative import MODES as SPECULATIVE_MODES
 
 _TEXT_HINT = "decode bytes first (e.g. data.decode('utf-8')) and pass a str"
 
@@ -138,11 +139,16 @@ class GenerationArgs:
     seed: int | None
     end_ids: tuple[int, ...]
     stop_strs: tuple[str, ...]
+    speculative: str = "off"  # runtime/speculative.py's MODES
 
 
 def check_generation_args(max_new_tokens: Any, do_sample: Any, temperature: Any, top_k: Any, top_p: Any,
                           repetition_penalty: Any, min_new_tokens: Any, stop: Any, seed: Any,
-                          eos_token_ids: Sequence[int], vocab_size: int) -> GenerationArgs:
+                          eos_token_ids: Sequence[int], vocab_size: int, speculative: Any = "off") -> GenerationArgs:
+    if speculative is None:
+        speculative = "off"
+    if not isinstance(speculative, str) or speculative not in SPECULATIVE_MODES:
+        raise InputError(f"speculative = {_shown(speculative)} must be one of {SPECULATIVE_MODES} (or None for off)")
     n = check_int("max_new_tokens", max_new_tokens, 1)
     m = check_int("min_new_tokens", min_new_tokens, 0, n, hint=" (at most max_new_tokens)")
     sampling = check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty)
@@ -167,7 +173,7 @@ def check_generation_args(max_new_tokens: Any, do_sample: Any, temperature: Any,
         else:
             raise InputError(f"stop holds {_shown(s)}: each stop is a str or an integer token id")
     end_ids = list(eos_token_ids) + (check_ids(stop_ids, vocab_size, "stop ids") if stop_ids else [])
-    return GenerationArgs(n, m, sampling, seed, tuple(dict.fromkeys(end_ids)), tuple(stop_strs))
+    return GenerationArgs(n, m, sampling, seed, tuple(dict.fromkeys(end_ids)), tuple(stop_strs), speculative)
 
 
 def check_load_args(folder: Any, provider: Any, providers: Sequence[str], threads: Any, verify: Any,

@@ -1,7 +1,8 @@
 """The generation loop: prefill, then one decode step per token, on any DecodeCache.
 
 `decode_steps` is the one place a decode step happens (`cache.step`), for generate and stream, single
-prompts and batches, on either graph. Text (incremental detokenization, stop strings) is tracked
+prompts and batches, on either graph (speculative decoding's loop, for one prompt, is in
+runtime/speculative.py). Text (incremental detokenization, stop strings) is tracked
 per row by the callback that `text_tracker` builds, only when stop strings or streaming need it.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .cache import DecodeCache
 from .detok import IncrementalDetokenizer
 from .inputs import GenerationArgs
 from .sampling import choose
+from .speculative import PROMPT_LOOKUP, speculative_steps
 
 OnToken = Callable[[int, int], None]
 
@@ -44,8 +46,13 @@ def decode_steps(cache: DecodeCache, rows: list[Row], args: GenerationArgs, pad_
            on_token: OnToken) -> Iterator[None]:
     """Generate into `rows`, yielding after each step's tokens (so stream can hand out text
     between Runs). `on_token(row_index, token)` handles text and stop strings and may set
-    row.finish; the loop ends when every row has finished or at max_new_tokens."""
+    row.finish; the loop ends when every row has finished or at max_new_tokens. With
+    args.speculative, one row on a cache that can verify runs runtime/speculative.py's loop (same
+    output, fewer Runs); batches and model.onnx's cache decode plainly."""
     B = len(rows)
+    if args.speculative == PROMPT_LOOKUP and B == 1 and hasattr(cache, "verify"):
+        yield from speculative_steps(cache, rows[0], args, on_token)
+        return
     last = cache.prefill(right_padded(rows, pad_token_id), [len(r.prompt_ids) for r in rows])  # [B, V]
     sampling = args.sampling
     rng = np.random.default_rng(args.seed) if not sampling.greedy else None

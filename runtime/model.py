@@ -190,10 +190,10 @@ class Model:
     # -- generation ------------------------------------------------------------------------------
     def _prepare(self, prompt: Any, max_new_tokens: Any = 64, do_sample: Any = False, temperature: Any = 1.0,
                  top_k: Any = 0, top_p: Any = 1.0, repetition_penalty: Any = 1.0, min_new_tokens: Any = 0,
-                 stop: Any = None, seed: Any = None) -> tuple[list[Row], bool, GenerationArgs]:
+                 stop: Any = None, seed: Any = None, speculative: Any = None) -> tuple[list[Row], bool, GenerationArgs]:
         """Every check of a generate/stream call, before any Run: (rows, is_batch, checked args)."""
         args = check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-                                     min_new_tokens, stop, seed, self.eos_token_ids, self.vocab_size)
+                                     min_new_tokens, stop, seed, self.eos_token_ids, self.vocab_size, speculative)
         if args.stop_strs:
             self._need_tokenizer()
         token_rows, is_batch = prompt_rows(prompt, lambda s: self._need_tokenizer().encode(s).ids, self.vocab_size)
@@ -218,15 +218,20 @@ class Model:
     def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  min_new_tokens: int = 0, stop: str | int | Sequence[str | int] | None = None,
-                 seed: int | None = None) -> GenerationResult | list[GenerationResult]:
+                 seed: int | None = None, speculative: str | None = None) -> GenerationResult | list[GenerationResult]:
         """Continue a prompt (text or ids), or a list of prompts as one batch.
 
         Greedy unless do_sample. `stop` takes strings (matched in the text, even across tokens;
         the text ends before the match) and token ids (stop like EOS). Returns a GenerationResult,
         or a list of them for a batch.
+
+        speculative="prompt_lookup" drafts the next tokens from earlier text and checks them in one
+        Run (runtime/speculative.py): the same greedy tokens, the same sampling distribution (and,
+        with a seed, the same random draws), faster on text that repeats its prompt. It needs the
+        shared-cache graph and one prompt; a batch, or model.onnx alone, decodes plainly.
         """
         rows, is_batch, args = self._prepare(prompt, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                             repetition_penalty, min_new_tokens, stop, seed)
+                                             repetition_penalty, min_new_tokens, stop, seed, speculative)
         on_token = text_tracker(rows, args.stop_strs, self.tokenizer) if args.stop_strs else (lambda i, t: None)
         for _ in self._generation_steps(rows, args, on_token):
             pass
@@ -243,14 +248,16 @@ class Model:
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
-               stop: str | int | Sequence[str | int] | None = None, seed: int | None = None) -> Iterator[str]:
+               stop: str | int | Sequence[str | int] | None = None, seed: int | None = None,
+               speculative: str | None = None) -> Iterator[str]:
         """Yield the text of one prompt's continuation piece by piece; "".join(...) == generate(...).text.
 
         The arguments are checked when stream is called, not when the first piece is asked for.
         Text that could be the start of a stop string is held back until it is known not to be.
+        speculative as in generate (a verify that accepts a draft yields several tokens' text at once).
         """
         rows, is_batch, args = self._prepare(prompt, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                             repetition_penalty, min_new_tokens, stop, seed)
+                                             repetition_penalty, min_new_tokens, stop, seed, speculative)
         if is_batch:
             raise InputError("stream takes one prompt; use generate for a batch")
         tokenizer = self._need_tokenizer()
