@@ -2,7 +2,7 @@
 
 Oracles: the folder's bytes before and after, the directory listing beside --out, the process
 table (/proc) for the trace child, and the exit status and stderr of the real CLI. The builds here
-use the embedded demo model (models/shakespeare, in the repository), so nothing needs ../shared.
+use the embedded demo model (models/shakespeare, in the repository), so nothing needs data from outside it.
 """
 from __future__ import annotations
 
