@@ -1,4 +1,4 @@
-"""`python -m runtime generate|score`: the runtime from a shell (text on stdout, the rest on stderr)."""
+"""`python -m runtime generate|score|serve`: the runtime from a shell (text on stdout, the rest on stderr)."""
 from __future__ import annotations
 
 import argparse
@@ -50,12 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     common(s)
     s.add_argument("--file", required=True, type=Path, help="UTF-8 text file to score")
     s.add_argument("--tokens", action="store_true", help="also print every token's log-probability")
+    from .serve.cli import add_parser  # the HTTP server lives in runtime/serve (the `serve` extra)
+
+    add_parser(sub)
     return p
 
 
 def _run(args: argparse.Namespace) -> None:
     from . import load
 
+    if args.command == "serve":
+        from .serve.cli import serve
+
+        raise SystemExit(serve(args))
     if args.command == "generate" and not args.prompt:
         raise SystemExit("error: empty prompt: pass --prompt with some text")
     with warnings.catch_warnings():
