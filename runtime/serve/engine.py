@@ -99,6 +99,8 @@ class Scheduler:
 
     # -- the HTTP side -------------------------------------------------------------------------
     def start(self) -> "Scheduler":
+        if self._thread is not None:  # a second lifespan startup (e.g. a re-used app) is a no-op
+            return self
         self._thread = threading.Thread(target=self._loop, name="tablefree-scheduler", daemon=True)
         self._thread.start()
         return self
