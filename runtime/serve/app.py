@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -210,16 +211,11 @@ async def _complete(served: _Served, body: CompletionRequest, request: Request) 
                        "(GET /v1/models)", "model", "model_not_found")
     rows = served.prompts(body.prompt)
     reqs = _requests(served, body, rows)
-    loop = asyncio.get_running_loop()
+    outbox = _Outbox.of(asyncio.get_running_loop())
     events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
     def emitter(i: int):
-        def emit(ev: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (i, ev))
-            except RuntimeError:  # the event loop has closed: nobody is listening any more
-                pass
-        return emit
+        return lambda ev: outbox.put(events, (i, ev))
 
     n = body.n or 1
     choices = []
@@ -286,22 +282,28 @@ async def _complete(served: _Served, body: CompletionRequest, request: Request) 
                     yield chunk(c, c.text, None)
             pending = len(reqs)
             while pending:
-                i, ev = await events.get()
-                c = choices[i]
-                if ev.kind == "done":
-                    pending -= 1
-                    c.finish = ev.finish
-                    if ev.finish in ("error", "cancelled"):
-                        err = APIError(500 if ev.finish == "error" else 503,
-                                       ev.error or "the request was cancelled: the server is shutting down")
-                        yield "data: " + json.dumps(err.body()) + "\n\n"
-                        return
-                    yield chunk(c, "", ev.finish)
-                    continue
-                start = len(c.tokens)
-                text = c.add(ev)
-                if text or c.req.logprobs is not None:
-                    yield chunk(c, text, None, c.logprobs(start))
+                batch = [await events.get()]
+                while not events.empty():  # what arrived meanwhile goes out in one write
+                    batch.append(events.get_nowait())
+                out = []
+                for i, ev in batch:
+                    c = choices[i]
+                    if ev.kind == "done":
+                        pending -= 1
+                        c.finish = ev.finish
+                        if ev.finish in ("error", "cancelled"):
+                            err = APIError(500 if ev.finish == "error" else 503,
+                                           ev.error or "the request was cancelled: the server is shutting down")
+                            yield "".join(out) + "data: " + json.dumps(err.body()) + "\n\n"
+                            return
+                        out.append(chunk(c, "", ev.finish))
+                        continue
+                    start = len(c.tokens)
+                    text = c.add(ev)
+                    if text or c.req.logprobs is not None:
+                        out.append(chunk(c, text, None, c.logprobs(start)))
+                if out:
+                    yield "".join(out)
             if include_usage:
                 yield "data: " + json.dumps({"id": cid, "object": "text_completion", "created": created,
                                              "model": served.name, "choices": [], "usage": usage_of()}) + "\n\n"
@@ -310,6 +312,43 @@ async def _complete(served: _Served, body: CompletionRequest, request: Request) 
             cancel_all()
 
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _Outbox:
+    """Hands events from the scheduler thread to the event loop with one wake-up for all that
+    arrive together (a decode step emits one event per active request)."""
+
+    _by_loop: "dict[int, _Outbox]" = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list[tuple[asyncio.Queue, Any]] = []
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "_Outbox":
+        box = cls._by_loop.get(id(loop))
+        if box is None or box.loop is not loop:
+            box = cls._by_loop[id(loop)] = cls(loop)
+        return box
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the event loop has closed: nobody is listening any more
+            pass
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 async def _watch_disconnect(request: Request, on_disconnect) -> None:
