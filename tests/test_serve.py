@@ -138,6 +138,24 @@ def test_slot_cache_rows_joining_and_leaving_match_generate_alone(model):
         assert ids == want[i][: len(ids)], f"prompt {i}"
 
 
+def test_slot_cache_batched_prefill_of_unequal_prompts_matches_generate_alone(model):
+    """Three prompts of different lengths prefilled together (right-padded) into rows 1-3 while row
+    0 holds another request: every row continues as generate does on its prompt alone."""
+    want = [model.generate(p, max_new_tokens=17).ids for p in PROMPTS[:4]]
+    cache = SlotCache.from_model(model, max_batch=4)
+    rows = [[int(cache.prefill(0, model.encode(PROMPTS[0])).argmax())]]
+    rows[0].append(int(cache.step(np.asarray([rows[0][-1]]))[0].argmax()))
+    first = cache.prefill_rows(1, [model.encode(p) for p in PROMPTS[1:4]])
+    rows += [[int(t)] for t in first.argmax(-1)]
+    while len(rows[1]) < 16:
+        logits = cache.step(np.asarray([r[-1] for r in rows]))
+        for r, ids in enumerate(rows):
+            ids.append(int(logits[r].argmax()))
+    assert [len(r) for r in rows] == [17, 16, 16, 16]
+    for i, ids in enumerate(rows):
+        assert ids == want[i][: len(ids)], f"prompt {i}"
+
+
 # -- completions -----------------------------------------------------------------------------------
 def test_greedy_equals_generate_streaming_and_not(client, model):
     for p in PROMPTS[:3]:

@@ -90,10 +90,12 @@ class _Served:
 
 
 def create_app(model: Any, name: str | None = None, max_batch: int = 8, max_queue: int = 256,
-               max_len: int | None = None) -> FastAPI:
-    """An app serving `model` (a loaded runtime Model with a model.kv.onnx session)."""
+               max_len: int | None = None, max_prefill_tokens: int | None = None) -> FastAPI:
+    """An app serving `model` (a loaded runtime Model with a model.kv.onnx session); the
+    scheduler's knobs are Scheduler's."""
     metrics = Metrics(max_batch)
-    scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, max_len=max_len, metrics=metrics)
+    scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, max_len=max_len, metrics=metrics,
+                          max_prefill_tokens=max_prefill_tokens)
     served = _Served(model, name or model.info.folder.name, scheduler, metrics)
 
     @asynccontextmanager

@@ -23,6 +23,10 @@ def add_parser(sub: Any) -> None:
                     help="requests that may wait for a slot; more are refused with 429 (default 256)")
     sp.add_argument("--max-len", type=int, default=None,
                     help="cache length per slot (prompt + max_tokens); default the model's context")
+    sp.add_argument("--max-prefill-tokens", type=int, default=None,
+                    help="prompt tokens prefilled between two decode steps at most (one request always goes); "
+                         "lower: running streams stall less when requests arrive, new ones wait longer "
+                         "(default: every waiting request that has a slot)")
     sp.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")
     sp.add_argument("--provider", default="cpu", choices=("auto", "cpu", "cuda"),
                     help="execution provider of model.kv.onnx (default cpu)")
@@ -60,7 +64,7 @@ def serve(args: argparse.Namespace) -> int:
 
     model = load(args.model, provider=args.provider, threads=args.threads, graph="kv")
     app = create_app(model, name=args.served_model_name, max_batch=args.max_batch, max_queue=args.max_queue,
-                     max_len=args.max_len)
+                     max_len=args.max_len, max_prefill_tokens=args.max_prefill_tokens)
     print(f"[serve] {args.model} on {model.provider}: {args.max_batch} slots, model id "
           f"{app.state.served.name!r}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",

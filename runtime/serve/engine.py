@@ -78,11 +78,14 @@ class Scheduler:
     """Owns a SlotCache; `start()` runs the loop in a daemon thread, `stop()` ends it."""
 
     def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 256, max_len: int | None = None,
-                 metrics: Any = None):
+                 metrics: Any = None, max_prefill_tokens: int | None = None):
+        """max_prefill_tokens: prompt tokens prefilled between two decode steps at most (one
+        request always goes): a bound on how long new arrivals stall the running streams."""
         self.model = model
         self.cache = SlotCache.from_model(model, max_batch, max_len)
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_len = self.cache.max_len
         self.tokenizer = model.tokenizer
         eos = model.info.token_id("eos_token_id")
@@ -152,17 +155,25 @@ class Scheduler:
                         self._cond.wait()
                     if self._stopping:
                         break
-                    admit = []
+                    admit, tokens = [], 0
                     while self._pending and len(self._active) + len(admit) < self.max_batch:
+                        n = len(self._pending[0].prompt_ids)
+                        if admit and self.max_prefill_tokens and tokens + n > self.max_prefill_tokens:
+                            break
                         admit.append(self._pending.popleft())
+                        tokens += n
                 self._drop_cancelled()
+                live = []
                 for req in admit:
                     if req.cancelled:
-                        self._end(req, "cancelled")
-                        continue
-                    self._prefill(req)
-                    if req.finish is not None:  # done after one token (max_tokens 1, an end token)
-                        self._end(req, req.finish)
+                        self._end(req, "cancelled", leave=False)
+                    else:
+                        live.append(req)
+                if live:
+                    self._prefill(live)
+                    for req in live:
+                        if req.finish is not None:  # done after one token (max_tokens 1, an end token)
+                            self._end(req, req.finish)
                 self._gauges()
                 if self._active:
                     self._step()
@@ -181,16 +192,19 @@ class Scheduler:
         for req in [r for r in self._active if r.cancelled]:
             self._end(req, "cancelled")
 
-    def _prefill(self, req: GenRequest) -> None:
-        slot = len(self._active)
-        req.slot = slot
-        self._active.append(req)
-        if req.sampling.do_sample and not req.sampling.greedy:
-            req._rng = np.random.default_rng(req.seed)
-        if self.tokenizer is not None:
-            req._detok = IncrementalDetokenizer(self.tokenizer)
-        logits = self.cache.prefill(slot, req.prompt_ids)
-        self._take(req, logits[None])
+    def _prefill(self, reqs: list[GenRequest]) -> None:
+        """New requests into the next free rows, prefilled as one batch; their first tokens."""
+        start = len(self._active)
+        for i, req in enumerate(reqs):
+            req.slot = start + i
+            self._active.append(req)
+            if req.sampling.do_sample and not req.sampling.greedy:
+                req._rng = np.random.default_rng(req.seed)
+            if self.tokenizer is not None:
+                req._detok = IncrementalDetokenizer(self.tokenizer)
+        logits = self.cache.prefill_rows(start, [r.prompt_ids for r in reqs])
+        for i, req in enumerate(reqs):
+            self._take(req, logits[i : i + 1])
 
     def _step(self) -> None:
         tokens = np.asarray([r.ids[-1] for r in self._active], np.int64)

@@ -25,7 +25,8 @@ class TableFreeServer:
     """One replica: loads the artifact and serves create_app's app (its lifespan starts the scheduler)."""
 
     def __init__(self, model: str, max_batch: int = 8, max_queue: int = 256, max_len: int | None = None,
-                 threads: int | None = None, name: str | None = None, provider: str = "cpu"):
+                 threads: int | None = None, name: str | None = None, provider: str = "cpu",
+                 max_prefill_tokens: int | None = None):
         import runtime
 
         from .app import create_app
@@ -33,7 +34,7 @@ class TableFreeServer:
         # attribute names of our own: Ray's ingress wrapper has an `app` property
         self._tablefree_model = runtime.load(model, provider=provider, threads=threads, graph="kv")
         self._tablefree_app = create_app(self._tablefree_model, name=name, max_batch=max_batch, max_queue=max_queue,
-                                         max_len=max_len)
+                                         max_len=max_len, max_prefill_tokens=max_prefill_tokens)
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._tablefree_app
@@ -51,7 +52,8 @@ def build_app(args: dict[str, str]) -> Any:
     """`serve run runtime.serve.ray_app:build_app model=DIR [replicas=2] [max_batch=8] [threads=N] [name=ID]`."""
     if "model" not in args:
         raise ValueError("pass model=DIR (the artifact folder) to serve run")
-    ints = {k: int(args[k]) for k in ("max_batch", "max_queue", "max_len", "threads") if k in args}
+    ints = {k: int(args[k]) for k in ("max_batch", "max_queue", "max_len", "threads", "max_prefill_tokens")
+            if k in args}
     return deployment(args["model"], replicas=int(args.get("replicas", 2)), name=args.get("name"),
                       provider=args.get("provider", "cpu"), **ints)
 
@@ -73,6 +75,7 @@ def run_ray(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(deployment(str(Path(args.model).resolve()), replicas=args.replicas, max_batch=args.max_batch,
                              max_queue=args.max_queue, max_len=args.max_len, threads=args.threads,
+                             max_prefill_tokens=args.max_prefill_tokens,
                              name=args.served_model_name or Path(args.model).name, provider=args.provider),
                   name="tablefree", route_prefix="/")
         print(f"[serve] {args.model} on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}",

@@ -5,8 +5,9 @@ both past and present (GroupQueryAttention then writes only the new positions, g
 Row b of such an array is contiguous, and so are rows 0..k-1, so ONNX Runtime can be pointed at
 them by raw pointer without a copy:
 
-- `prefill(slot, ids)` runs one prompt as a batch of 1 on row `slot` alone (seqlens_k = [S-1],
-  total_sequence_length = S: GQA's "first prompt" case), whatever the other rows hold;
+- `prefill_rows(start, prompts)` runs new prompts, right-padded, on rows start.. alone
+  (seqlens_k[b] = len_b - 1, total_sequence_length = S: GQA's "first prompt" case), whatever the
+  other rows hold;
 - `step(tokens)` runs one decode step on rows 0..k-1 at once, each at its own length
   (seqlens_k[b] = length_b, total = max + 1), as `Model.generate`'s lock-step batch does.
 
@@ -55,7 +56,8 @@ class SlotCache:
         self.logits = np.zeros((self.batch, 1, self.vocab_size), np.float32)
         import onnxruntime as ort  # the session exists, so the module does
 
-        self._keep_value = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
+        self._keep = np.ones(1, np.int64)
+        self._keep_value = ort.OrtValue.ortvalue_from_numpy(self._keep)  # over self._keep's memory
         self._decode = session.io_binding()
         self._decode_rows = 0  # rows the decode binding is bound to (re-bound when it changes)
 
@@ -78,27 +80,35 @@ class SlotCache:
 
     def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
         """Run a prompt into row `slot` (its old contents are overwritten); logits of its last token [V]."""
-        S = len(ids)
-        if not 1 <= S <= self.max_len:
-            raise ValueError(f"prompt of {S} tokens does not fit a cache of {self.max_len}")
+        return self.prefill_rows(slot, [ids])[0]
+
+    def prefill_rows(self, start: int, prompts: list[list[int]]) -> np.ndarray:
+        """Run prompts into rows start, start+1, ... as one right-padded batch (graphs/gqa.py: row b
+        reads and writes its cache up to seqlens_k[b]); logits of each prompt's last token [n, V]."""
+        n, S = len(prompts), max(len(p) for p in prompts)
+        lens = np.asarray([len(p) for p in prompts], np.int32)
+        if lens.min() < 1 or S > self.max_len or start + n > self.batch:
+            raise ValueError(f"prompts of {lens.min()}..{S} tokens into rows {start}..{start + n - 1} do not fit "
+                             f"{self.batch} rows of {self.max_len}")
+        ids = np.zeros((n, S), np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = p
         b = self.sess.io_binding()
-        self._bind_rows(b, slot, 1)
-        b.bind_cpu_input(I.INPUT_IDS, np.asarray([ids], np.int64))
-        b.bind_cpu_input(I.SEQLENS_K, np.asarray([S - 1], np.int32))
+        b.bind_output(I.LOGITS, "cpu")  # first: get_outputs() lists the outputs in binding order
+        self._bind_rows(b, start, n)
+        b.bind_cpu_input(I.INPUT_IDS, ids)
+        b.bind_cpu_input(I.SEQLENS_K, lens - 1)
         b.bind_cpu_input(I.TOTAL_SEQUENCE_LENGTH, np.asarray(S, np.int32))
+        keep = S - int(lens.min()) + 1  # every row's last token lies in the last `keep` positions
         if self.has_keep:
             # bind_cpu_input finds required inputs only; logits_to_keep is an overridable initializer
+            self._keep[0] = keep
             b.bind_ortvalue_input(I.LOGITS_TO_KEEP, self._keep_value)
-            out = self.logits[slot : slot + 1]
-            b.bind_output(I.LOGITS, "cpu", 0, np.float32, [1, 1, self.vocab_size], out.ctypes.data)
-            self.sess.run_with_iobinding(b)
-            result = out[0, 0].copy()
-        else:  # an artifact without logits_to_keep: every position comes back
-            b.bind_output(I.LOGITS, "cpu")
-            self.sess.run_with_iobinding(b)
-            result = b.get_outputs()[0].numpy()[0, -1].copy()
-        self.lengths[slot] = S
-        return result
+        self.sess.run_with_iobinding(b)
+        out = b.get_outputs()[0].numpy()  # [n, keep or S, V]
+        first = S - out.shape[1]  # the position of out[:, 0]
+        self.lengths[start : start + n] = lens
+        return out[np.arange(n), lens - 1 - first].copy()
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """One decode step of rows 0..k-1 (k = len(tokens)): each row's token goes to position
