@@ -51,7 +51,7 @@ class Event:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests with the same prompt and tokens are still two
 class GenRequest:
     prompt_ids: list[int]
     max_tokens: int
@@ -123,7 +123,13 @@ class Scheduler:
         """The owner went away: the request leaves at the scheduler's next loop (its slot too)."""
         with self._cond:
             req.cancelled = True
+            waiting = req in self._pending
+            if waiting:  # it never ran: it leaves the queue now (and frees its place there)
+                self._pending.remove(req)
             self._cond.notify()
+        if waiting:
+            self._end(req, "cancelled", leave=False)
+            self._gauges()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Refuse new requests, cancel the waiting and running ones, end the thread."""

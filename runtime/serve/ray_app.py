@@ -65,6 +65,13 @@ def run_ray(args: argparse.Namespace) -> int:
 
     import ray
 
+    done = threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        done.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # (again below: ray.init installs its own)
+        signal.signal(sig, on_signal)
     root = str(Path(__file__).resolve().parents[2])  # so replicas import this checkout's runtime
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}}
     if os.environ.get("RAY_ADDRESS"):
@@ -80,9 +87,8 @@ def run_ray(args: argparse.Namespace) -> int:
                   name="tablefree", route_prefix="/")
         print(f"[serve] {args.model} on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}",
               file=sys.stderr)
-        done = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: done.set())
+            signal.signal(sig, on_signal)
         done.wait()
     finally:
         serve.shutdown()
