@@ -55,6 +55,8 @@ def start_server(model: Path, port: int, args: argparse.Namespace) -> subprocess
     cmd = [sys.executable, "-m", "runtime", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(max(args.streams)), "--threads", str(args.threads), "--served-model-name", "bench",
            "--shutdown-timeout", "5"]
+    if args.max_prefill_tokens:
+        cmd += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     import urllib.request
@@ -102,7 +104,7 @@ def drive(port: int, streams: int, work: list[list[int]], new_tokens: int) -> di
                                                    stream=True, stream_options={"include_usage": True}):
                 if chunk.usage is not None:
                     tokens = chunk.usage.completion_tokens
-                if chunk.choices and chunk.choices[0].text:
+                if chunk.choices and chunk.choices[0].finish_reason is None:  # a token's chunk
                     times.append(time.perf_counter())
                     text.append(chunk.choices[0].text)
             out[i] = {"ttft": times[0] - t0 if times else None, "gaps": np.diff(times).tolist(), "tokens": tokens,
@@ -121,35 +123,39 @@ def drive(port: int, streams: int, work: list[list[int]], new_tokens: int) -> di
     return {"streams": streams, "requests": len(work), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
             "ttft_p50_ms": 1e3 * float(np.percentile(ttft, 50)), "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99)),
             "itl_p50_ms": 1e3 * float(np.percentile(gaps, 50)), "itl_p99_ms": 1e3 * float(np.percentile(gaps, 99)),
-            "texts": [out[i]["text"] for i in range(len(work))]}
+            "texts": [(out[i]["text"], out[i]["tokens"]) for i in range(len(work))]}
 
 
-def lockstep(model, batch: int, work: list[list[int]], new_tokens: int, repeats: int) -> dict:
-    """generate on batches of `batch` prompts; aggregate tok/s over all of `work`, and the decode
-    step time (generate with new_tokens minus generate with 1 token, over new_tokens - 1 steps)."""
-    texts, tokens, best_wall = [], 0, None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        texts, tokens = [], 0
-        for k in range(0, len(work), batch):
-            rs = model.generate(work[k : k + batch], max_new_tokens=new_tokens)
-            texts += [r.text for r in rs]
-            tokens += sum(len(r.ids) for r in rs)
-        wall = time.perf_counter() - t0
-        best_wall = wall if best_wall is None else min(best_wall, wall)
-    chunk = work[:batch]
-    steps = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model.generate(chunk, max_new_tokens=1)
-        t1 = time.perf_counter()
-        rs = model.generate(chunk, max_new_tokens=new_tokens)
-        t2 = time.perf_counter()
-        n = max(len(r.ids) for r in rs)
-        if n > 1:
-            steps.append(((t2 - t1) - (t1 - t0)) / (n - 1))
-    return {"batch": batch, "requests": len(work), "tokens": tokens, "wall_s": best_wall, "tok_s": tokens / best_wall,
-            "step_ms": 1e3 * float(np.median(steps)) if steps else None, "texts": texts}
+def lockstep(model, batch: int, work: list[list[int]], new_tokens: int) -> dict:
+    """generate on batches of `batch` prompts: aggregate tok/s over all of `work`, prefill included,
+    and the decode step time: (generate(new_tokens) - generate(1 token)) / (new_tokens - 1) on the
+    first batch."""
+    t0 = time.perf_counter()
+    texts, tokens = [], 0
+    for k in range(0, len(work), batch):
+        rs = model.generate(work[k : k + batch], max_new_tokens=new_tokens)
+        texts += [(r.text, len(r.ids)) for r in rs]
+        tokens += sum(len(r.ids) for r in rs)
+    wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.generate(work[:batch], max_new_tokens=1)
+    t1 = time.perf_counter()
+    rs = model.generate(work[:batch], max_new_tokens=new_tokens)
+    t2 = time.perf_counter()
+    n = max(len(r.ids) for r in rs)
+    step = ((t2 - t1) - (t1 - t0)) / (n - 1) if n > 1 else float("nan")
+    return {"batch": batch, "requests": len(work), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "step_ms": 1e3 * step, "texts": texts}
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Per key, the median over interleaved repeats (the machine's other load moves single runs)."""
+    out = dict(runs[0])
+    for k, v in runs[0].items():
+        if isinstance(v, float):
+            out[k] = float(np.median([r[k] for r in runs]))
+    out["repeats"] = [{k: v for k, v in r.items() if k != "texts"} for r in runs]
+    return out
 
 
 def full_int8() -> Path:
@@ -167,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--model", type=Path, help="artifact folder")
     src.add_argument("--full", action="store_true", help="the full-size int8 artifact (built and cached like bench.py)")
     p.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
-    p.add_argument("--rounds", type=int, default=2, help="requests per stream at each concurrency (default 2)")
+    p.add_argument("--rounds", type=int, default=4, help="requests per stream at each concurrency (default 4)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, server and generate alike")
-    p.add_argument("--repeats", type=int, default=2, help="generate timings: best of (aggregate) / median of (step)")
+    p.add_argument("--max-prefill-tokens", type=int, default=None, help="passed to the server")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of server and generate; medians (default 3)")
     p.add_argument("--out", type=Path, default=RESULTS / "serve_bench.json")
     args = p.parse_args(argv)
 
@@ -186,29 +193,36 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     log(f"serve_bench: starting the server on 127.0.0.1:{port} ({folder})")
     proc = start_server(folder, port, args)
+    runs: dict = {("server", s): [] for s in args.streams} | {("generate", s): [] for s in args.streams}
     try:
-        drive(port, 1, prompts(1, args.prompt_len, model.vocab_size, seed=99), args.new_tokens)  # warm-up
-        for s in args.streams:
-            log(f"serve_bench: {s} concurrent streams, {s * args.rounds} requests")
-            results["server"].append(drive(port, s, per[s], args.new_tokens))
+        hi = max(args.streams)  # warm-up: both sides meet every batch size once before timing
+        drive(port, hi, prompts(hi, args.prompt_len, model.vocab_size, seed=99), args.new_tokens)
+        model.generate(prompts(hi, args.prompt_len, model.vocab_size, seed=99), max_new_tokens=args.new_tokens)
+        for rep in range(args.repeats):  # interleaved, so that a burst of other load hits both sides
+            for s in args.streams:
+                log(f"serve_bench: round {rep + 1}/{args.repeats}: {s} streams ({s * args.rounds} requests), "
+                    f"then generate in batches of {s}")
+                runs["server", s].append(drive(port, s, per[s], args.new_tokens))
+                runs["generate", s].append(lockstep(model, s, per[s], args.new_tokens))
     finally:
         stop_server(proc)
-    model.generate(prompts(1, args.prompt_len, model.vocab_size, seed=99), max_new_tokens=4)  # warm-up
     for s in args.streams:
-        log(f"serve_bench: generate, batches of {s}")
-        results["generate"].append(lockstep(model, s, per[s], args.new_tokens, args.repeats))
-    for srv, gen in zip(results["server"], results["generate"]):
-        srv["same_text_as_generate"] = srv.pop("texts") == gen.pop("texts")
+        srv, gen = median_of(runs["server", s]), median_of(runs["generate", s])
+        srv["same_output_as_generate"] = all(r["texts"] == g["texts"] for r, g in
+                                             zip(runs["server", s], runs["generate", s]))
+        srv.pop("texts"), gen.pop("texts")
+        results["server"].append(srv)
+        results["generate"].append(gen)
 
     srv = {r["streams"]: r for r in results["server"]}
     gen = {r["batch"]: r for r in results["generate"]}
     lines = ["| streams / batch | server tok/s | generate tok/s | server / generate | TTFT p50 / p99 ms | "
-             "ITL p50 / p99 ms | generate step ms | same text |", "|---|---|---|---|---|---|---|---|"]
+             "ITL p50 / p99 ms | generate step ms | same text + token count |", "|---|---|---|---|---|---|---|---|"]
     for s in args.streams:
         a, g = srv[s], gen[s]
         lines.append(f"| {s} | {a['tok_s']:.1f} | {g['tok_s']:.1f} | {a['tok_s'] / g['tok_s']:.0%} | "
                      f"{a['ttft_p50_ms']:.0f} / {a['ttft_p99_ms']:.0f} | {a['itl_p50_ms']:.1f} / {a['itl_p99_ms']:.1f} | "
-                     f"{g['step_ms']:.1f} | {'yes' if a['same_text_as_generate'] else 'NO'} |")
+                     f"{g['step_ms']:.1f} | {'yes' if a['same_output_as_generate'] else 'NO'} |")
     targets = []
     lo, hi = min(args.streams), max(args.streams)
     if lo == 1 and hi > 1:

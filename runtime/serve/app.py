@@ -101,6 +101,7 @@ def create_app(model: Any, name: str | None = None, max_batch: int = 8, max_queu
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         scheduler.start()
+        await asyncio.to_thread(scheduler.ready.wait)  # uvicorn accepts connections after the warm-up
         try:
             yield
         finally:
@@ -302,7 +303,9 @@ async def _complete(served: _Served, body: CompletionRequest, request: Request) 
                         continue
                     start = len(c.tokens)
                     text = c.add(ev)
-                    if text or c.req.logprobs is not None:
+                    # (an artifact without a tokenizer has no text: one empty chunk per token still
+                    # tells the client that, and when, a token came)
+                    if text or c.req.logprobs is not None or served.tokenizer is None:
                         out.append(chunk(c, text, None, c.logprobs(start)))
                 if out:
                     yield "".join(out)

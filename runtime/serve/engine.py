@@ -78,9 +78,12 @@ class Scheduler:
     """Owns a SlotCache; `start()` runs the loop in a daemon thread, `stop()` ends it."""
 
     def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 256, max_len: int | None = None,
-                 metrics: Any = None, max_prefill_tokens: int | None = None):
+                 metrics: Any = None, max_prefill_tokens: int | None = None, warm_up: bool = True):
         """max_prefill_tokens: prompt tokens prefilled between two decode steps at most (one
-        request always goes): a bound on how long new arrivals stall the running streams."""
+        request always goes): a bound on how long new arrivals stall the running streams.
+        warm_up: run every batch size once before the first request (SlotCache.warm_up)."""
+        self.warm_up = warm_up
+        self.ready = threading.Event()  # set once warmed up (or failed)
         self.model = model
         self.cache = SlotCache.from_model(model, max_batch, max_len)
         self.max_batch = max_batch
@@ -155,6 +158,9 @@ class Scheduler:
 
     def _loop(self) -> None:
         try:
+            if self.warm_up:
+                self.cache.warm_up()
+            self.ready.set()
             while True:
                 with self._cond:
                     while not (self._stopping or self._pending or self._active):
@@ -186,6 +192,7 @@ class Scheduler:
                     self._gauges()
         except Exception as e:  # a bug or an ORT failure: fail every request, refuse new ones
             self.error = f"the scheduler stopped: {type(e).__name__}: {e}"
+        self.ready.set()
         with self._cond:
             self._stopping = True
             rest = self._active + list(self._pending)
