@@ -55,7 +55,7 @@ def start_server(model: Path, port: int, args: argparse.Namespace) -> subprocess
     cmd = [sys.executable, "-m", "runtime", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(max(args.streams)), "--threads", str(args.threads), "--served-model-name", "bench",
            "--shutdown-timeout", "5"]
-    if args.max_prefill_tokens:
+    if args.max_prefill_tokens is not None:
         cmd += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, server and generate alike")
-    p.add_argument("--max-prefill-tokens", type=int, default=None, help="passed to the server")
+    p.add_argument("--max-prefill-tokens", type=int, default=None, help="passed to the server (default: its default)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of server and generate; medians (default 3)")
     p.add_argument("--out", type=Path, default=RESULTS / "serve_bench.json")
     args = p.parse_args(argv)

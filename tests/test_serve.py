@@ -241,6 +241,23 @@ def test_eight_concurrent_clients_each_get_their_solo_greedy_text(client, model,
     assert rows / steps > 1.5, "the requests were decoded in shared steps (continuous batching)"
 
 
+def test_one_prefill_between_steps_still_gives_solo_texts(model):
+    """--max-prefill-tokens 1: arrivals join one per step (bounding the stall of running streams)."""
+    app = create_app(model, name=NAME, max_batch=4, max_prefill_tokens=1)
+    want = [model.generate(p, max_new_tokens=20).text for p in PROMPTS[:4]]
+    sizes = []
+    cache = app.state.served.scheduler.cache
+    prefill = cache.prefill_rows
+    cache.prefill_rows = lambda start, prompts: (sizes.append(len(prompts)), prefill(start, prompts))[1]
+    with BackgroundServer(app) as s:
+        c = openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda p: c.completions.create(model=NAME, prompt=p, max_tokens=20,
+                                                               temperature=0).choices[0].text, PROMPTS[:4]))
+    assert got == want
+    assert sizes[1:] == [1, 1, 1, 1], "one request per prefill (after the warm-up's)"
+
+
 def test_dropped_stream_frees_its_slot_at_once(server, monkeypatch):
     slow_steps(monkeypatch, server.app, 0.02)
     tokens_before = metric(server, "tablefree_generation_tokens_total")

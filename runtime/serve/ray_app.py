@@ -65,6 +65,8 @@ def run_ray(args: argparse.Namespace) -> int:
 
     import ray
 
+    from .cli import prefill_budget
+
     done = threading.Event()
 
     def on_signal(*_: Any) -> None:
@@ -82,7 +84,7 @@ def run_ray(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(deployment(str(Path(args.model).resolve()), replicas=args.replicas, max_batch=args.max_batch,
                              max_queue=args.max_queue, max_len=args.max_len, threads=args.threads,
-                             max_prefill_tokens=args.max_prefill_tokens,
+                             max_prefill_tokens=prefill_budget(args),
                              name=args.served_model_name or Path(args.model).name, provider=args.provider),
                   name="tablefree", route_prefix="/")
         print(f"[serve] {args.model} on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}",
