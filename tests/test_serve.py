@@ -2,7 +2,9 @@
 on 127.0.0.1 that serves the demo artifact, and every completion is compared with
 `runtime.load(...).generate` on the same prompt alone (greedy, stop strings, seeded sampling),
 logprobs with `Model.score`. Also: concurrent clients, a client that drops its stream, every bad
-request, a full queue, graceful shutdown, and the CLI in a subprocess."""
+request, a full queue, graceful shutdown, and the CLI in a subprocess.
+
+Over 400 lines because the checks share one live server (a module fixture) and its helpers."""
 from __future__ import annotations
 
 import http.client

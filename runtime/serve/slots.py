@@ -14,10 +14,12 @@ them by raw pointer without a copy:
 The scheduler keeps the active requests in rows 0..k-1 (`move` compacts a hole left by a request
 that finished), so a step never computes rows nobody reads.
 
-This file touches the runtime's `Model` through three attributes only, so that it can be
-re-pointed when the runtime's modules move: `kv_session` (the onnxruntime session of
-model.kv.onnx), `info` (ArtifactInfo: vocab size, layers, context length) and, in
-`SlotCache.from_model`, nothing else. Everything else it reads from the session itself.
+This file is the only one that reaches into the runtime's `Model` for ONNX Runtime, and only in
+`SlotCache.from_model`, through two attributes: `kv_session` (the onnxruntime session of
+model.kv.onnx) and `info` (ArtifactInfo: vocab size, layers, context length, folder). The rest of
+runtime/serve uses `model.tokenizer` and `model.info` besides. Everything else (cache dtype, kv
+heads, head size, logits_to_keep) is read from the session itself, so after the runtime's split
+into modules only `from_model` may need re-pointing.
 """
 from __future__ import annotations
 
