@@ -281,6 +281,37 @@ def test_dropped_stream_frees_its_slot_at_once(server, monkeypatch):
     assert produced < 100, f"{produced} tokens of 200: the dropped request kept running"
 
 
+def test_dropped_non_streaming_request_is_cancelled(server, monkeypatch):
+    slow_steps(monkeypatch, server.app, 0.02)
+    cancelled_before = metric(server, "tablefree_requests_total", '{finish="cancelled"}')
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"model": NAME, "prompt": "ROMEO:", "max_tokens": 200,
+                                                        "temperature": 0}), {"Content-Type": "application/json"})
+    assert wait_for(lambda: metric(server, "tablefree_active_slots") == 1, 5)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    assert wait_for(lambda: metric(server, "tablefree_active_slots") == 0, 5), "the slot was not freed"
+    assert metric(server, "tablefree_requests_total", '{finish="cancelled"}') == cancelled_before + 1
+
+
+def test_a_failing_step_fails_requests_with_500_and_health_503(model, monkeypatch):
+    app = create_app(model, name=NAME, max_batch=2)
+
+    def broken(tokens):
+        raise RuntimeError("injected ONNX Runtime failure")
+
+    with BackgroundServer(app) as s:
+        monkeypatch.setattr(app.state.served.scheduler.cache, "step", broken)
+        c = openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError, match="injected"):
+            c.completions.create(model=NAME, prompt="ROMEO:", max_tokens=5, temperature=0)
+        status, body = _get(s, "/health")
+        assert status == 503 and "injected" in body
+        with pytest.raises(openai.APIStatusError) as e:  # refused at once, not queued forever
+            c.completions.create(model=NAME, prompt="ROMEO:", max_tokens=5, temperature=0)
+        assert e.value.status_code == 503
+
+
 BAD = [  # (body, status, param)
     ({"model": NAME, "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),  # wrong type
     ({"model": NAME, "prompt": "x", "temperature": True}, 400, "temperature"),
