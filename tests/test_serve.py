@@ -242,21 +242,28 @@ def test_eight_concurrent_clients_each_get_their_solo_greedy_text(client, model,
     assert rows / steps > 1.5, "the requests were decoded in shared steps (continuous batching)"
 
 
-def test_one_prefill_between_steps_still_gives_solo_texts(model):
-    """--max-prefill-tokens 1: arrivals join one per step (bounding the stall of running streams)."""
-    app = create_app(model, name=NAME, max_batch=4, max_prefill_tokens=1)
+@pytest.mark.parametrize("budget", [1, 3])
+def test_prefill_budget_and_prompts_in_pieces_still_give_solo_texts(model, budget):
+    """--max-prefill-tokens: between two decode steps at most `budget` prompt tokens go in (whole
+    prompts that fit, a longer prompt in pieces), so arrivals barely stall the running streams;
+    every text stays generate's on the prompt alone."""
+    app = create_app(model, name=NAME, max_batch=4, max_prefill_tokens=budget)
     want = [model.generate(p, max_new_tokens=20).text for p in PROMPTS[:4]]
-    sizes = []
     cache = app.state.served.scheduler.cache
-    prefill = cache.prefill_rows
-    cache.prefill_rows = lambda start, prompts: (sizes.append(len(prompts)), prefill(start, prompts))[1]
+    fed: list[int] = []  # prompt tokens per call, after the warm-up
+    prefill, extend = cache.prefill_rows, cache.extend
+    cache.prefill_rows = lambda start, prompts: (fed.append(sum(map(len, prompts))), prefill(start, prompts))[1]
+    cache.extend = lambda slot, ids: (fed.append(len(ids)), extend(slot, ids))[1]
     with BackgroundServer(app) as s:
+        fed.clear()
         c = openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(lambda p: c.completions.create(model=NAME, prompt=p, max_tokens=20,
                                                                temperature=0).choices[0].text, PROMPTS[:4]))
     assert got == want
-    assert sizes[1:] == [1, 1, 1, 1], "one request per prefill (after the warm-up's)"
+    lengths = sorted(len(model.encode(p)) for p in PROMPTS[:4])
+    assert sum(fed) == sum(lengths)
+    assert max(fed) <= budget and len(fed) > 4, "the long prompts went in pieces"
 
 
 def test_dropped_stream_frees_its_slot_at_once(server, monkeypatch):

@@ -24,8 +24,8 @@ def add_parser(sub: Any) -> None:
     sp.add_argument("--max-len", type=int, default=None,
                     help="cache length per slot (prompt + max_tokens); default the model's context")
     sp.add_argument("--max-prefill-tokens", type=int, default=None,
-                    help="prompt tokens prefilled between two decode steps at most (one request always goes); "
-                         "lower: running streams stall less when requests arrive, new ones wait longer; "
+                    help="prompt tokens prefilled between two decode steps at most (a longer prompt goes in "
+                         "pieces); lower: running streams stall less when requests arrive, new ones wait longer; "
                          "0: every waiting request that has a slot (default 2 x --max-batch: about what a "
                          "step decodes, which held p99 inter-token latency under 3 steps in serve_bench)")
     sp.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")

@@ -1,7 +1,8 @@
 """Continuous batching: one scheduler thread owns the slot cache and runs every request in it.
 
 Each loop: drop the requests that were cancelled (their client went away), admit waiting
-requests into free slots (prefill, first token), then one decode step for all active slots at
+requests into free slots (prefill, first token; at most max_prefill_tokens prompt tokens per
+loop, a long prompt in pieces over several loops), then one decode step for all active slots at
 once. A request that finishes (end token, stop string, max_tokens) or is cancelled leaves its
 slot before the next step; the highest active slot moves into the hole (SlotCache.move), so a
 step runs exactly the active rows. Tokens are chosen per request with the runtime's own
@@ -72,6 +73,7 @@ class GenRequest:
     _text: str = ""
     _emitted: int = 0
     _rng: Any = None
+    _fed: int = 0  # prompt tokens in the cache (a long prompt goes in pieces)
 
 
 class Scheduler:
@@ -79,8 +81,9 @@ class Scheduler:
 
     def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 256, max_len: int | None = None,
                  metrics: Any = None, max_prefill_tokens: int | None = None, warm_up: bool = True):
-        """max_prefill_tokens: prompt tokens prefilled between two decode steps at most (one
-        request always goes): a bound on how long new arrivals stall the running streams.
+        """max_prefill_tokens: prompt tokens prefilled between two decode steps at most (a longer
+        prompt goes in pieces, SlotCache.extend): a bound on how long arrivals stall the running
+        streams; None: every waiting request that has a slot, whole.
         warm_up: run every batch size once before the first request (SlotCache.warm_up)."""
         self.warm_up = warm_up
         self.ready = threading.Event()  # set once warmed up (or failed)
@@ -167,14 +170,27 @@ class Scheduler:
                         self._cond.wait()
                     if self._stopping:
                         break
-                    admit, tokens = [], 0
+                self._drop_cancelled()
+                budget = self.max_prefill_tokens or 0  # 0: no bound
+                spent = 0
+                for req in [r for r in self._active if r._fed < len(r.prompt_ids)]:  # long prompts, going on
+                    if budget and spent >= budget:
+                        break
+                    left = len(req.prompt_ids) - req._fed
+                    n = min(left, budget - spent) if budget else left
+                    self._extend(req, n)
+                    spent += n
+                with self._cond:  # whole prompts that fit the budget, then the start of one that does not
+                    admit, chunked = [], None
                     while self._pending and len(self._active) + len(admit) < self.max_batch:
                         n = len(self._pending[0].prompt_ids)
-                        if admit and self.max_prefill_tokens and tokens + n > self.max_prefill_tokens:
+                        if not budget or spent + n <= budget:
+                            admit.append(self._pending.popleft())
+                            spent += n
+                        else:
+                            if spent < budget:
+                                chunked = self._pending.popleft()
                             break
-                        admit.append(self._pending.popleft())
-                        tokens += n
-                self._drop_cancelled()
                 live = []
                 for req in admit:
                     if req.cancelled:
@@ -183,11 +199,12 @@ class Scheduler:
                         live.append(req)
                 if live:
                     self._prefill(live)
-                    for req in live:
-                        if req.finish is not None:  # done after one token (max_tokens 1, an end token)
-                            self._end(req, req.finish)
+                if chunked is not None:
+                    self._prefill([chunked], budget - spent)
+                for req in [r for r in self._active if r.finish is not None]:  # done after one token
+                    self._end(req, req.finish)
                 self._gauges()
-                if self._active:
+                if any(r._fed == len(r.prompt_ids) for r in self._active):
                     self._step()
                     self._gauges()
         except Exception as e:  # a bug or an ORT failure: fail every request, refuse new ones
@@ -205,8 +222,9 @@ class Scheduler:
         for req in [r for r in self._active if r.cancelled]:
             self._end(req, "cancelled")
 
-    def _prefill(self, reqs: list[GenRequest]) -> None:
-        """New requests into the next free rows, prefilled as one batch; their first tokens."""
+    def _prefill(self, reqs: list[GenRequest], first: int | None = None) -> None:
+        """New requests into the next free rows, prefilled as one batch, and their first tokens; or
+        (first = n) one request's first n prompt tokens, the rest to follow in `_extend`."""
         start = len(self._active)
         for i, req in enumerate(reqs):
             req.slot = start + i
@@ -215,21 +233,41 @@ class Scheduler:
                 req._rng = np.random.default_rng(req.seed)
             if self.tokenizer is not None:
                 req._detok = IncrementalDetokenizer(self.tokenizer)
+        if first is not None:
+            req = reqs[0]
+            self.cache.prefill_rows(start, [req.prompt_ids[:first]])
+            req._fed = first
+            return
         logits = self.cache.prefill_rows(start, [r.prompt_ids for r in reqs])
         for i, req in enumerate(reqs):
+            req._fed = len(req.prompt_ids)
             self._take(req, logits[i : i + 1])
 
+    def _extend(self, req: GenRequest, n: int) -> None:
+        """The next n prompt tokens of a request admitted in pieces; its first token after the last."""
+        logits = self.cache.extend(req.slot, req.prompt_ids[req._fed : req._fed + n])
+        req._fed += n
+        if req._fed == len(req.prompt_ids):
+            self._take(req, logits[None])
+
     def _step(self) -> None:
-        tokens = np.asarray([r.ids[-1] for r in self._active], np.int64)
+        """One decode step of every active row. A row whose prompt is still going in (in pieces)
+        rides along with a dummy token written at its next position, which its next piece
+        overwrites (its length is put back); its logits are not read."""
+        feeding = [i for i, r in enumerate(self._active) if r._fed < len(r.prompt_ids)]
+        tokens = np.asarray([r.ids[-1] if r.ids else 0 for r in self._active], np.int64)
         logits = self.cache.step(tokens)
+        self.cache.lengths[feeding] -= 1
         self.steps += 1
         if self.metrics is not None:
-            self.metrics.batch_size.observe(len(tokens))
-        greedy = [i for i, r in enumerate(self._active) if r._rng is None]
+            self.metrics.batch_size.observe(len(tokens) - len(feeding))
+        decoding = [i for i, r in enumerate(self._active) if r._fed == len(r.prompt_ids)]
+        greedy = [i for i in decoding if self._active[i]._rng is None]
         best = logits[greedy].argmax(-1) if greedy else ()
         for i, t in zip(greedy, best):
             self._take(self._active[i], logits[i : i + 1], int(t))
-        for i, r in enumerate(list(self._active)):
+        for i in decoding:
+            r = self._active[i]
             if r._rng is not None:
                 self._take(r, logits[i : i + 1])
         for r in [r for r in self._active if r.finish is not None]:

@@ -7,7 +7,8 @@ them by raw pointer without a copy:
 
 - `prefill_rows(start, prompts)` runs new prompts, right-padded, on rows start.. alone
   (seqlens_k[b] = len_b - 1, total_sequence_length = S: GQA's "first prompt" case), whatever the
-  other rows hold;
+  other rows hold; `extend(slot, ids)` adds a chunk to one row's prompt (a long prompt goes in
+  pieces between decode steps);
 - `step(tokens)` runs one decode step on rows 0..k-1 at once, each at its own length
   (seqlens_k[b] = length_b, total = max + 1), as `Model.generate`'s lock-step batch does.
 
@@ -111,6 +112,27 @@ class SlotCache:
         first = S - out.shape[1]  # the position of out[:, 0]
         self.lengths[start : start + n] = lens
         return out[np.arange(n), lens - 1 - first].copy()
+
+    def extend(self, slot: int, ids: list[int]) -> np.ndarray:
+        """The next chunk of a prompt whose start is already in row `slot` (GQA's chunked prompt,
+        batch 1: seqlens_k = [P + C - 1], total_sequence_length = P + C); logits of its last token [V]."""
+        P, C = int(self.lengths[slot]), len(ids)
+        if P == 0:
+            return self.prefill(slot, ids)
+        if C < 1 or P + C > self.max_len:
+            raise ValueError(f"a chunk of {C} tokens after {P} does not fit a cache of {self.max_len}")
+        b = self.sess.io_binding()
+        b.bind_output(I.LOGITS, "cpu")  # first: get_outputs() lists the outputs in binding order
+        self._bind_rows(b, slot, 1)
+        b.bind_cpu_input(I.INPUT_IDS, np.asarray([ids], np.int64))
+        b.bind_cpu_input(I.SEQLENS_K, np.asarray([P + C - 1], np.int32))
+        b.bind_cpu_input(I.TOTAL_SEQUENCE_LENGTH, np.asarray(P + C, np.int32))
+        if self.has_keep:
+            self._keep[0] = 1
+            b.bind_ortvalue_input(I.LOGITS_TO_KEEP, self._keep_value)
+        self.sess.run_with_iobinding(b)
+        self.lengths[slot] = P + C
+        return b.get_outputs()[0].numpy()[0, -1].copy()
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """One decode step of rows 0..k-1 (k = len(tokens)): each row's token goes to position
