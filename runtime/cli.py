@@ -1,4 +1,4 @@
-"""`python -m runtime generate|score|web`: the runtime from a shell (text on stdout, the rest on stderr).
+"""`python -m runtime generate|score|serve|web`: the runtime from a shell (text on stdout, the rest on stderr).
 
 Each subcommand is one entry of COMMANDS: (help, a function that adds its flags, a function that
 runs it). Every TableFreeRuntimeError becomes one `error:` line on stderr and exit code 2.
@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from .artifact import DEFAULT_VERIFY, VERIFY_MODES
 from .errors import TableFreeRuntimeError
+from .serve import cli as serve_cli  # flags only: FastAPI and uvicorn are imported when serving
 from .speculative import MODES as SPECULATIVE_MODES
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
@@ -114,6 +115,12 @@ def _web(args: argparse.Namespace) -> None:
     serve(args.model, args.host, args.port, args.ort_dir)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from .serve.cli import serve
+
+    raise SystemExit(serve(args))
+
+
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]
 COMMANDS: dict[str, Command] = {
     "generate": ("continue a prompt",
@@ -121,6 +128,7 @@ COMMANDS: dict[str, Command] = {
                  "is given. The generated text goes to stdout.", _generate_flags, _generate),
     "score": ("token log-probabilities and perplexity of a text file",
               "Score a UTF-8 text file: mean negative log-likelihood and perplexity on stdout.", _score_flags, _score),
+    "serve": (serve_cli.HELP, serve_cli.DESCRIPTION, serve_cli.add_flags, _serve),
     "web": ("serve a page that runs the artifact in the browser (onnxruntime-web)",
             "Serve a page that generates with the artifact in the browser (onnxruntime-web, WASM).", _web_flags, _web),
 }

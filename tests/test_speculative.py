@@ -51,12 +51,10 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> runtime.Model:
-    from export.build import build
+def model() -> runtime.Model:
+    from demo import demo_artifact
 
-    folder = build(DEMO_MODEL_DIR, tmp_path_factory.mktemp("spec") / "demo", lift_mode="arith", verify=False,
-                   log=lambda m: None)
-    return runtime.load(folder, provider="cpu", threads=1)
+    return runtime.load(demo_artifact("arith"), provider="cpu", threads=1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,14 @@
+"""`python -m runtime serve`: an OpenAI-compatible HTTP server with continuous batching.
+
+Needs the `serve` extra (fastapi, uvicorn, prometheus_client): pip install 'tablefree-onnx[serve]';
+Ray Serve scale-out needs `serve-ray`. Nothing here is imported by `import runtime`.
+
+    slots.py      the B-slot shared-buffer KV cache on model.kv.onnx (the one file that knows the Model)
+    engine.py     the scheduler thread: admission, prefill, batched decode step, sampling, stop strings
+    protocol.py   the request schema and OpenAI-style errors
+    app.py        the FastAPI app (endpoints, SSE)
+    metrics.py    Prometheus metrics
+    background.py a server in a thread of this process (tests, benchmarks)
+    cli.py        the `serve` subcommand (uvicorn, or Ray Serve with --ray)
+    ray_app.py    the Ray Serve deployment
+"""

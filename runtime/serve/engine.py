@@ -1,0 +1,366 @@
+"""Continuous batching: one scheduler thread owns the slot cache and runs every request in it.
+
+Each loop: drop the requests that were cancelled (their client went away), admit waiting
+requests into free slots (prefill, first token; at most max_prefill_tokens prompt tokens per
+loop, a long prompt in pieces over several loops), then one decode step for all active slots at
+once. A request that finishes (end token, stop string, max_tokens) or is cancelled leaves its
+slot before the next step; the highest active slot moves into the hole (SlotCache.move), so a
+step runs exactly the active rows. Tokens are chosen per request with the runtime's own
+sampling (runtime/sampling.py, each request with its own generator, as `Model.generate` seeds a
+single prompt) and turned into text with the runtime's incremental detokenizer, with text that
+could be the start of a stop string held back, as `Model.stream` does.
+
+The HTTP side never touches ONNX Runtime: it `submit`s a GenRequest whose `emit` callback gets
+events from this thread (and must hand them over thread-safely), and `cancel`s it on disconnect.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..detok import IncrementalDetokenizer
+from ..sampling import SamplingConfig, choose
+from .slots import SlotCache
+
+
+class QueueFullError(Exception):
+    """More requests wait than the server's queue holds (HTTP 429)."""
+
+
+class ShuttingDownError(Exception):
+    """The scheduler stopped or is stopping (HTTP 503)."""
+
+
+@dataclass
+class Event:
+    """What the scheduler tells a request's owner. kind "token": `text` (possibly "", when the
+    text is held back or incomplete) for `token` (with `logprob`/`top` when asked for); kind
+    "done": `finish` is "stop" or "length" ("cancelled"/"error" when it did not complete)."""
+
+    kind: str
+    text: str = ""
+    token: int | None = None
+    logprob: float | None = None
+    top: dict[int, float] | None = None
+    finish: str | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)  # identity: two requests with the same prompt and tokens are still two
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    emit: Callable[[Event], None]
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    logprobs: int | None = None  # None: none; N >= 0: the chosen token's and the top N
+    # state (the scheduler's)
+    ids: list[int] = field(default_factory=list)
+    finish: str | None = None
+    slot: int = -1
+    cancelled: bool = False
+    t_submit: float = 0.0
+    t_first: float | None = None
+    t_last: float | None = None
+    _detok: Any = None
+    _text: str = ""
+    _emitted: int = 0
+    _rng: Any = None
+    _fed: int = 0  # prompt tokens in the cache (a long prompt goes in pieces)
+
+
+class Scheduler:
+    """Owns a SlotCache; `start()` runs the loop in a daemon thread, `stop()` ends it."""
+
+    def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 256, max_len: int | None = None,
+                 metrics: Any = None, max_prefill_tokens: int | None = None, warm_up: bool = True):
+        """max_prefill_tokens: prompt tokens prefilled between two decode steps at most (a longer
+        prompt goes in pieces, SlotCache.extend): a bound on how long arrivals stall the running
+        streams; None: every waiting request that has a slot, whole.
+        warm_up: run every batch size once before the first request (SlotCache.warm_up)."""
+        self.warm_up = warm_up
+        self.ready = threading.Event()  # set once warmed up (or failed)
+        self.model = model
+        self.cache = SlotCache.from_model(model, max_batch, max_len)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_len = self.cache.max_len
+        self.tokenizer = model.tokenizer
+        eos = model.info.token_id("eos_token_id")
+        self.end_ids = set() if eos is None else {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+        self.metrics = metrics
+        self._cond = threading.Condition()
+        self._pending: collections.deque[GenRequest] = collections.deque()
+        self._active: list[GenRequest] = []  # index == slot
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.error: str | None = None
+        self._ids = itertools.count()
+
+    # -- the HTTP side -------------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        if self._thread is not None:  # a second lifespan startup (e.g. a re-used app) is a no-op
+            return self
+        self._thread = threading.Thread(target=self._loop, name="tablefree-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, req: GenRequest) -> None:
+        with self._cond:
+            if self._stopping or self.error:
+                raise ShuttingDownError(self.error or "the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFullError(f"{len(self._pending)} requests are waiting (the queue holds {self.max_queue}); retry later")
+            req.t_submit = time.perf_counter()
+            self._pending.append(req)
+            self._cond.notify()
+        self._gauges()
+
+    def cancel(self, req: GenRequest) -> None:
+        """The owner went away: the request leaves at the scheduler's next loop (its slot too)."""
+        with self._cond:
+            req.cancelled = True
+            waiting = req in self._pending
+            if waiting:  # it never ran: it leaves the queue now (and frees its place there)
+                self._pending.remove(req)
+            self._cond.notify()
+        if waiting:
+            self._end(req, "cancelled", leave=False)
+            self._gauges()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Refuse new requests, cancel the waiting and running ones, end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    # -- the scheduler thread ------------------------------------------------------------------
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._pending))
+            self.metrics.active_slots.set(len(self._active))
+
+    def _loop(self) -> None:
+        try:
+            if self.warm_up:
+                self.cache.warm_up()
+            self.ready.set()
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._pending or self._active):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                self._drop_cancelled()
+                budget = self.max_prefill_tokens or 0  # 0: no bound
+                spent = 0
+                for req in [r for r in self._active if r._fed < len(r.prompt_ids)]:  # long prompts, going on
+                    if budget and spent >= budget:
+                        break
+                    left = len(req.prompt_ids) - req._fed
+                    n = min(left, budget - spent) if budget else left
+                    self._extend(req, n)
+                    spent += n
+                with self._cond:  # whole prompts that fit the budget, then the start of one that does not
+                    admit, chunked = [], None
+                    while self._pending and len(self._active) + len(admit) < self.max_batch:
+                        n = len(self._pending[0].prompt_ids)
+                        if not budget or spent + n <= budget:
+                            admit.append(self._pending.popleft())
+                            spent += n
+                        else:
+                            if spent < budget:
+                                chunked = self._pending.popleft()
+                            break
+                live = []
+                for req in admit:
+                    if req.cancelled:
+                        self._end(req, "cancelled", leave=False)
+                    else:
+                        live.append(req)
+                if live:
+                    self._prefill(live)
+                if chunked is not None:
+                    self._prefill([chunked], budget - spent)
+                for req in [r for r in self._active if r.finish is not None]:  # done after one token
+                    self._end(req, req.finish)
+                self._gauges()
+                if any(r._fed == len(r.prompt_ids) for r in self._active):
+                    self._step()
+                    self._gauges()
+        except Exception as e:  # a bug or an ORT failure: fail every request, refuse new ones
+            self.error = f"the scheduler stopped: {type(e).__name__}: {e}"
+        self.ready.set()
+        with self._cond:
+            self._stopping = True
+            rest = self._active + list(self._pending)
+            self._active, self._pending = [], collections.deque()
+        for req in rest:
+            self._end(req, "error" if self.error else "cancelled", leave=False)
+        self._gauges()
+
+    def _drop_cancelled(self) -> None:
+        for req in [r for r in self._active if r.cancelled]:
+            self._end(req, "cancelled")
+
+    def _prefill(self, reqs: list[GenRequest], first: int | None = None) -> None:
+        """New requests into the next free rows, prefilled as one batch, and their first tokens; or
+        (first = n) one request's first n prompt tokens, the rest to follow in `_extend`."""
+        start = len(self._active)
+        for i, req in enumerate(reqs):
+            req.slot = start + i
+            self._active.append(req)
+            if req.sampling.do_sample and not req.sampling.greedy:
+                req._rng = np.random.default_rng(req.seed)
+            if self.tokenizer is not None:
+                req._detok = IncrementalDetokenizer(self.tokenizer)
+        if first is not None:
+            req = reqs[0]
+            self.cache.prefill_rows(start, [req.prompt_ids[:first]])
+            req._fed = first
+            return
+        logits = self.cache.prefill_rows(start, [r.prompt_ids for r in reqs])
+        for i, req in enumerate(reqs):
+            req._fed = len(req.prompt_ids)
+            self._take(req, logits[i : i + 1])
+
+    def _extend(self, req: GenRequest, n: int) -> None:
+        """The next n prompt tokens of a request admitted in pieces; its first token after the last."""
+        logits = self.cache.extend(req.slot, req.prompt_ids[req._fed : req._fed + n])
+        req._fed += n
+        if req._fed == len(req.prompt_ids):
+            self._take(req, logits[None])
+
+    def _step(self) -> None:
+        """One decode step of every active row. A row whose prompt is still going in (in pieces)
+        rides along with a dummy token written at its next position, which its next piece
+        overwrites (its length is put back); its logits are not read."""
+        feeding = [i for i, r in enumerate(self._active) if r._fed < len(r.prompt_ids)]
+        tokens = np.asarray([r.ids[-1] if r.ids else 0 for r in self._active], np.int64)
+        logits = self.cache.step(tokens)
+        self.cache.lengths[feeding] -= 1
+        self.steps += 1
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(tokens) - len(feeding))
+        decoding = [i for i, r in enumerate(self._active) if r._fed == len(r.prompt_ids)]
+        greedy = [i for i in decoding if self._active[i]._rng is None]
+        best = logits[greedy].argmax(-1) if greedy else ()
+        for i, t in zip(greedy, best):
+            self._take(self._active[i], logits[i : i + 1], int(t))
+        for i in decoding:
+            r = self._active[i]
+            if r._rng is not None:
+                self._take(r, logits[i : i + 1])
+        for r in [r for r in self._active if r.finish is not None]:
+            self._end(r, r.finish)
+
+    def _take(self, req: GenRequest, logits: np.ndarray, token: int | None = None) -> None:
+        """Choose the request's next token from its logits [1, V] and hand out its text."""
+        if token is None:
+            token = int(choose(logits, None, req.sampling, req._rng)[0])
+        now = time.perf_counter()
+        if self.metrics is not None:
+            if req.t_first is None:
+                self.metrics.ttft.observe(now - req.t_submit)
+            else:
+                self.metrics.itl.observe(now - req.t_last)
+            self.metrics.generation_tokens.inc()
+        if req.t_first is None:
+            req.t_first = now
+        req.t_last = now
+        req.ids.append(token)
+        lp, top = self._logprobs(req, logits[0], token) if req.logprobs is not None else (None, None)
+        if token in self.end_ids:  # the end token's own text is not part of the completion
+            req.finish, piece = "stop", ""
+        else:
+            piece = self._text(req, token)
+            if req.finish is None and (len(req.ids) >= req.max_tokens or
+                                       len(req.prompt_ids) + len(req.ids) >= self.max_len):
+                req.finish = "length"
+        if req.finish is not None and req._detok is not None:
+            if req.finish == "length" or token in self.end_ids:  # not a stop string: no stop can follow
+                req._text += req._detok.flush()
+            piece += req._text[req._emitted:]  # the held-back text
+            req._emitted = len(req._text)
+        req.emit(Event("token", piece, token, lp, top))
+
+    @staticmethod
+    def _logprobs(req: GenRequest, logits: np.ndarray, token: int) -> tuple[float, dict[int, float]]:
+        x = logits.astype(np.float64)
+        x = x - x.max()
+        logp = x - np.log(np.exp(x).sum())
+        top = {}
+        if req.logprobs:
+            idx = np.argpartition(-logp, req.logprobs)[: req.logprobs]
+            top = {int(i): float(logp[i]) for i in idx[np.argsort(-logp[idx])]}
+        return float(logp[token]), top
+
+    def _text(self, req: GenRequest, token: int) -> str:
+        """The new text that is safe to hand out (nothing that could begin a stop string)."""
+        if req._detok is None:
+            return ""
+        piece = req._detok.add(token)
+        if not piece:
+            return ""
+        start = max(0, len(req._text) - max((len(s) for s in req.stop), default=0) + 1)
+        req._text += piece
+        if req.stop:
+            hits = [k for k in (req._text.find(s, start) for s in req.stop) if k >= 0]
+            if hits:
+                req._text = req._text[: min(hits)]
+                req.finish = "stop"
+                out = req._text[req._emitted:]
+                req._emitted = len(req._text)
+                return out
+        end = len(req._text) - _held(req._text, req.stop)
+        out = req._text[req._emitted:end] if end > req._emitted else ""
+        req._emitted = max(req._emitted, end)
+        return out
+
+    def _end(self, req: GenRequest, finish: str, leave: bool = True) -> None:
+        """Free the request's slot (moving the last active request into it) and tell its owner."""
+        if leave and req in self._active:
+            slot = self._active.index(req)
+            last = len(self._active) - 1
+            if slot != last:
+                mover = self._active[last]
+                self.cache.move(last, slot)
+                mover.slot = slot
+                self._active[slot] = mover
+            self._active.pop()
+            self.cache.free(last)
+        if finish in ("cancelled", "error") or req.finish is None:
+            req.finish = finish
+        if self.metrics is not None:
+            self.metrics.requests.labels(finish=req.finish).inc()
+        req.emit(Event("done", finish=req.finish, error=self.error if finish == "error" else None))
+
+
+def _held(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of `text` could be the start of a stop string."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return hold
