@@ -162,8 +162,9 @@ def full_int8() -> Path:
     """The full-size int8 artifact, built (once, cached, with the parity gate) as benchmarks/bench.py does."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench
+    from common import ensure_full_checkpoint
 
-    bench.ensure_checkpoint()
+    ensure_full_checkpoint(bench.CKPT)
     return bench.ensure_artifact("int8", "arith")
 
 
