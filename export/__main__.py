@@ -23,7 +23,7 @@ lift modes (--code MODE):
 
 precisions (--precision):
   fp32     exact: logits within 1e-4 of max|logit|, greedy token-exact, checked by the parity gate
-  fp16     half the size, meant for CUDA; LayerNorm/softmax/residual kept in fp32; needs --no-kv-graph
+  fp16     half the size, meant for CUDA; LayerNorm/softmax/residual kept in fp32; float16 cache
   int8     weight-only 8-bit MatMulNBits (block 128, int8 compute); held to the int8 quality floor
   int4     weight-only 4-bit MatMulNBits (8-bit head); smallest; held to the int4 quality floor
 

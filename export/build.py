@@ -84,9 +84,6 @@ def check_arguments(out: Path, lift_mode: str, precision: str, provider: str, op
         raise ExportError(f"--precision {precision}: unknown; choose one of {', '.join(PRECISIONS)}")
     if provider not in PROVIDERS:
         raise ExportError(f"--provider {provider}: unknown; choose cpu or cuda")
-    if kv_graph and precision == "fp16":
-        raise ExportError(f"--precision fp16 cannot have {KV_MODEL_FILE} (its shared cache is float32 only); "
-                          f"pass --no-kv-graph to export fp16 (the runtime then serves every call with {MODEL_FILE})")
     if lift_mode == "bitwise" and provider == "cuda":
         raise ExportError("--code bitwise cannot target --provider cuda: ONNX Runtime has BitShift/BitwiseAnd on the "
                           "CPU provider only, so nodes would fall back to the CPU; use --code arith or --code lookup")

@@ -114,10 +114,12 @@ class KvLM:
     logits [B, S or 1, V] as numpy."""
 
     def __init__(self, folder: Path, num_layers: int, heads: int, head_size: int, providers: list[str],
-                 max_len: int, batch: int = 1):
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        self.sess = ort.InferenceSession(str(Path(folder) / KV_MODEL_FILE), so, providers=providers)
+                 max_len: int, batch: int = 1, session: ort.InferenceSession | None = None):
+        if session is None:
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            session = ort.InferenceSession(str(Path(folder) / KV_MODEL_FILE), so, providers=providers)
+        self.sess = session  # pass one in to size new buffers without reloading the weights
         types = {i.name: i.type for i in self.sess.get_inputs()}
         dtype = _ORT_FLOAT.get(types[past_names(num_layers)[0]], np.float32)
         shape = (batch, heads, max_len, head_size)
@@ -153,13 +155,16 @@ class KvLM:
 
 
 def kv_greedy(folder: Path, cfg: ModelConfig, providers: list[str], rows: list[list[int]], steps: int,
-              pad_id: int, tick: Callable[..., None] | None = None) -> list[list[int]]:
-    """Greedy decoding of right-padded rows on the shared-cache graph, all rows in lock step."""
+              pad_id: int, tick: Callable[..., None] | None = None,
+              session: ort.InferenceSession | None = None) -> list[list[int]]:
+    """Greedy decoding of right-padded rows on the shared-cache graph, all rows in lock step, in
+    fresh cache buffers (on `session` when given: the gate opens the graph once)."""
     S = max(len(r) for r in rows)
     ids = np.full((len(rows), S), pad_id, np.int64)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r
-    kv = KvLM(folder, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size, providers, S + steps, len(rows))
+    kv = KvLM(folder, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size, providers, S + steps, len(rows),
+              session)
     logits = kv.prefill(ids, [len(r) for r in rows])
     nxt = logits[np.arange(len(rows)), [len(r) - 1 for r in rows]].argmax(-1)
     out: list[list[int]] = [[int(t)] for t in nxt]
@@ -255,8 +260,12 @@ def check_lift(report: Report, model_path: Path, cfg: ModelConfig, providers: li
                detail=detail)
 
 
-def heldout_tokens(lm: TableFreeLM, folder: Path, n_seq: int, seq_len: int, log: Callable) -> tuple[np.ndarray, str]:
-    """Tail 10% of tinyshakespeare through the artifact's tokenizer; else text sampled from the reference."""
+def heldout_tokens(lm: TableFreeLM, folder: Path, n_seq: int, seq_len: int,
+                   log: Callable) -> tuple[np.ndarray, str, np.ndarray | None]:
+    """Tail 10% of tinyshakespeare through the artifact's tokenizer; else text sampled from the
+    reference. Third: the reference logits [n_seq, seq_len, V] of sampled text (the sampling ran
+    the reference over every position already, through its KV cache), None for the tinyshakespeare
+    tail, whose logits the caller computes."""
     try:
         from reference.data import shared_data_file
         from tokenizers import Tokenizer
@@ -269,19 +278,24 @@ def heldout_tokens(lm: TableFreeLM, folder: Path, n_seq: int, seq_len: int, log:
             ids = Tokenizer.from_file(str(tok_path)).encode(tail).ids
             ids = [t for t in ids if 0 <= t < lm.cfg.vocab_size]
             if len(ids) >= n_seq * seq_len:
-                return np.array(ids[: n_seq * seq_len], np.int64).reshape(n_seq, seq_len), "tinyshakespeare tail 10%"
+                return (np.array(ids[: n_seq * seq_len], np.int64).reshape(n_seq, seq_len), "tinyshakespeare tail 10%",
+                        None)
     except Exception as e:  # missing data or tokenizer: fall back, say so
         log(f"  held-out text unavailable ({type(e).__name__}); sampling sequences from the fp32 reference")
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():  # all rows at once, through the KV cache
         ids = torch.randint(0, lm.cfg.vocab_size, (n_seq, 1), generator=g)
-        out, past = [ids], None
-        for t in range(seq_len - 1):
+        out, seen, past = [ids], [], None
+        for t in range(seq_len):
             mask = torch.ones(n_seq, t + 1, dtype=torch.int64)
             logits, past = lm(ids, attention_mask=mask, position_ids=torch.full((n_seq, 1), t), past_key_values=past)
+            seen.append(logits[:, -1].float())
+            if t == seq_len - 1:
+                break  # the last position's logits complete the array; no token is sampled after it
             ids = torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1, generator=g)
             out.append(ids)
-    return torch.cat(out, dim=1).numpy().astype(np.int64), "sampled from the fp32 reference"
+    return (torch.cat(out, dim=1).numpy().astype(np.int64), "sampled from the fp32 reference",
+            torch.stack(seen, dim=1).numpy())
 
 
 def quality(ref: np.ndarray, got: np.ndarray, ids: np.ndarray) -> dict[str, float]:
@@ -338,7 +352,7 @@ def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = pri
     seq_ids = rng.integers(0, V, size=(1, 16))
     prompt = [int(x) for x in rng.integers(0, V, size=8)]
     padded_rows = [[int(x) for x in rng.integers(0, V, size=n)] for n in (5, 9)]
-    held_ids, held_source = heldout_tokens(lm, folder, 4, 64, log)
+    held_ids, held_source, held_logits = heldout_tokens(lm, folder, 4, 64, log)
     bar.advance(1, "reference: held-out text")
     batch_logits = ref_logits(lm, batch_ids)
     bar.advance(1, "reference: batch")
@@ -346,7 +360,8 @@ def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = pri
     bar.advance(1, "reference: sequence")
     greedy = list(generate(lm, prompt, GREEDY_TOKENS, do_sample=False))
     bar.advance(1, "reference: greedy")
-    held_logits = ref_logits(lm, held_ids)
+    if held_logits is None:  # sampled text brought its logits along
+        held_logits = ref_logits(lm, held_ids)
     bar.advance(1, "reference: held-out logits")
     return Expected(cfg=cfg, batch_ids=batch_ids, batch_logits=batch_logits, seq_ids=seq_ids, seq_logits=seq_logits,
                     prompt=prompt, greedy_tokens=greedy, padded_rows=padded_rows, held_ids=held_ids,
@@ -472,8 +487,8 @@ def check_kv_graph(report: Report, folder: Path, e: Expected, precision: str, pr
     # a right-padded batch gives each row what that row gives alone (the runtime's batches)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     rows = e.padded_rows
-    batch = kv_greedy(folder, cfg, providers, rows, PADDED_STEPS, pad, tick)
-    solo = [kv_greedy(folder, cfg, providers, [r], PADDED_STEPS, pad, tick)[0] for r in rows]
+    batch = kv_greedy(folder, cfg, providers, rows, PADDED_STEPS, pad, tick, kv.sess)
+    solo = [kv_greedy(folder, cfg, providers, [r], PADDED_STEPS, pad, tick, kv.sess)[0] for r in rows]
     same = sum(a == b for a, b in zip(batch, solo))
     report.add("kv graph: right-padded batch == solo rows", f"{same}/{len(rows)}", "all rows", same == len(rows),
                required=exact)

@@ -38,9 +38,12 @@ def genai_kv_logits(folder: str | Path, ids: Sequence[int], prompt_len: int, gra
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(folder / graph), so, providers=["CPUExecutionProvider"])
     caches = {}
+    # the cache's type is the graph's: float16 in an fp16 artifact, as genai allocates it
+    ctype = next(i.type for i in sess.get_inputs() if i.name == PAST_KEY.format(i=0))
+    dtype = np.float16 if ctype == "tensor(float16)" else np.float32
     for i in range(layers):
         for past, present in ((PAST_KEY, PRESENT_KEY), (PAST_VALUE, PRESENT_VALUE)):
-            buf = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, max_len, hs), np.float32))
+            buf = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, max_len, hs), dtype))
             caches[past.format(i=i)] = (present.format(i=i), buf)
     rows, pos = [], 0
     for chunk in [list(ids[:prompt_len])] + [[t] for t in ids[prompt_len:]]:

@@ -29,10 +29,11 @@ then read at row len_b - 1 (so `logits_to_keep` must stay 0 there, or become a p
 then lock-step decode with per-row seqlens_k. The pad rows written into the cache by the prompt
 are overwritten by the row's next tokens before any query attends to them.
 
-Caller protocol (batch 1): allocate per layer two zero float32 OrtValues [1, H, max_len, hs];
-bind each as past_key_values.{i}.* AND present.{i}.* of every Run; prompt of S tokens:
-seqlens_k = [S - 1], total_sequence_length = S; each decode step at cache length P:
-seqlens_k = [P], total_sequence_length = P + 1. A new sequence reuses the buffers as they are.
+Caller protocol (batch 1): allocate per layer two zero OrtValues [1, H, max_len, hs] of the cache's
+type (float32, or float16 from an fp16 graph); bind each as past_key_values.{i}.* AND present.{i}.*
+of every Run; prompt of S tokens: seqlens_k = [S - 1], total_sequence_length = S; each decode
+step at cache length P: seqlens_k = [P], total_sequence_length = P + 1. A new sequence reuses the
+buffers as they are.
 """
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ from runtime.interface import (
 
 MAX_LEN_DIM = "max_len"  # the cache buffers' sequence axis (a symbol: the caller picks the length)
 PREFIX = "/model/gqa"
+# the caches the rewrite takes: GroupQueryAttention computes in the cache's type (the query, key,
+# value and cos/sin caches share it); ORT's CPU kernel takes both, its CUDA kernel float16 only
+CACHE_DTYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
 
 class GQAError(ValueError):
@@ -127,9 +131,10 @@ def _scale(mm: onnx.NodeProto, users, inits: dict[str, onnx.TensorProto]) -> flo
 
 def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int, rope_theta: float,
            rope_interleaved: bool) -> onnx.ModelProto:
-    """Rewrite a finished SPEC 3 artifact graph (fp32, int8 or int4: the projections are found by
-    the head split that follows them, whatever op they became) into the shared-buffer graph.
-    Returns a new ModelProto; the input is left untouched. Graphs with fp16 caches are refused.
+    """Rewrite a finished SPEC 3 artifact graph (fp32, fp16, int8 or int4: the projections are found
+    by the head split that follows them, whatever op they became) into the shared-buffer graph.
+    Returns a new ModelProto; the input is left untouched. The cache keeps the source's type:
+    float32, or float16 in an fp16 graph (whose q/k/v are float16 too, as the op needs).
 
     Load the source with `onnx.load(path, load_external_data=False)`: the initializers keep their
     external references into `model.onnx.data`, so the new file holds no weight bytes.
@@ -141,6 +146,7 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
+    _sort_nodes(g)  # the fp16 converter appends its Casts at the end; each GQA node takes a node's place
     names = {i.name for i in g.input}
     layers = 0
     while PAST_KEY.format(i=layers) in names:
@@ -149,9 +155,9 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
         raise GQAError("the graph has no past_key_values.0.key / attention_mask inputs; not a SPEC 3 artifact graph")
     past_in = {i.name: i for i in g.input}
     dtype = past_in[PAST_KEY.format(i=0)].type.tensor_type.elem_type
-    if dtype != TensorProto.FLOAT:
-        raise GQAError("the shared-cache graph is built from float32 graphs only; this graph's cache is "
-                       f"{TensorProto.DataType.Name(dtype)}")
+    if dtype not in CACHE_DTYPES:
+        raise GQAError("the shared-cache graph is built from graphs with a float32 or float16 cache; this graph's "
+                       f"cache is {TensorProto.DataType.Name(dtype)}")
     inits = {t.name: t for t in g.initializer}
     cos_name, sin_name = f"{PREFIX}/cos_cache", f"{PREFIX}/sin_cache"
     rotary_used = False
@@ -201,7 +207,9 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
         g.node[at].CopyFrom(node)
 
     if rotary_used:
-        cos, sin = rotary_caches(head_size, rope_theta, max_len)
+        # GroupQueryAttention types cos/sin like the query: float16 in an fp16 graph (computed in
+        # float32, rounded once, as the fp16 converter rounds model.onnx's RotaryEmbedding caches)
+        cos, sin = (c.astype(CACHE_DTYPES[dtype]) for c in rotary_caches(head_size, rope_theta, max_len))
         g.initializer.extend([numpy_helper.from_array(cos, cos_name), numpy_helper.from_array(sin, sin_name)])
     remove_dead(g)
 
@@ -218,15 +226,46 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
     g.input.append(helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []))
     for j in range(layers):
         for name in (PAST_KEY.format(i=j), PAST_VALUE.format(i=j)):
-            g.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [BATCH_DIM, num_heads, MAX_LEN_DIM, head_size]))
+            g.input.append(helper.make_tensor_value_info(name, dtype, [BATCH_DIM, num_heads, MAX_LEN_DIM, head_size]))
     g.input.extend(x for x in old if x.name == LOGITS_TO_KEEP)
     for out in g.output:
         if out.name != LOGITS:
-            out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.FLOAT, [BATCH_DIM, num_heads, MAX_LEN_DIM, head_size]))
+            out.CopyFrom(helper.make_tensor_value_info(out.name, dtype, [BATCH_DIM, num_heads, MAX_LEN_DIM, head_size]))
     if not any(o.domain == "com.microsoft" for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _check_order(g)
     return m
+
+
+def _sort_nodes(g: onnx.GraphProto) -> None:
+    """Topological order, keeping the given order wherever it already is one (a stable Kahn sort)."""
+    import heapq
+
+    known = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    nodes = list(g.node)
+    waits = [sum(1 for x in set(n.input) if x not in known) for n in nodes]
+    readers: dict[str, list[int]] = {}
+    for k, n in enumerate(nodes):
+        for x in set(n.input):
+            if x not in known:
+                readers.setdefault(x, []).append(k)
+    ready = [k for k, w in enumerate(waits) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for out in nodes[k].output:
+            for r in readers.pop(out, []):
+                waits[r] -= 1
+                if waits[r] == 0:
+                    heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        stuck = [nodes[k].name for k in range(len(nodes)) if waits[k]][:3]
+        raise GQAError(f"nodes {stuck} read tensors no node produces (or a cycle); not a valid artifact graph")
+    if order != list(range(len(nodes))):
+        del g.node[:]
+        g.node.extend(nodes[k] for k in order)
 
 
 def _check_order(g: onnx.GraphProto) -> None:

@@ -204,7 +204,8 @@ class PastPresentCache:
 
 class SharedKVGraph(Graph):
     """model.kv.onnx: the same weights, each layer's cache one buffer that past and present share.
-    Its cache may be float16 (int8/int4 artifacts) while model.onnx's is float32."""
+    Its cache has model.onnx's type: float16 in fp16 artifacts (SharedBufferCache allocates the
+    buffers in `past_dtype`, on the session's device), float32 otherwise."""
 
     file = I.KV_MODEL_FILE
     int_inputs = ((I.INPUT_IDS, "tensor(int64)"), (I.SEQLENS_K, "tensor(int32)"), (I.TOTAL_SEQUENCE_LENGTH, "tensor(int32)"))

@@ -23,7 +23,7 @@ from .errors import ContextLengthError, InputError, RuntimeArtifactError
 from .inputs import (GenerationArgs, as_int64, check_generation_args, check_ids, check_int, check_load_args,
                      check_text, is_int, prompt_rows)
 from .loop import Row, decode_steps, stream_text, text_tracker
-from .onnx_proto import ProtoError, node_input_shapes
+from .onnx_proto import FLOAT16, ProtoError, graph_input_type, node_input_shapes
 from .results import ForwardOutput, GenerationResult, ScoreResult
 from .sessions import PROVIDERS, cuda_available, import_ort, open_session
 
@@ -100,7 +100,7 @@ class Model:
 
     @property
     def kv_past_dtype(self) -> np.dtype | None:
-        """model.kv.onnx's cache dtype (float16 in int8/int4 artifacts), None without that graph."""
+        """model.kv.onnx's cache dtype (float16 in fp16 artifacts), None without that graph."""
         return self._kv.past_dtype if self._kv is not None else None
 
     # -- tokens ----------------------------------------------------------------------------------
@@ -305,6 +305,15 @@ def _check_rotary_context(graph: SharedKVGraph, context: int) -> None:
             )
 
 
+def _kv_cache_fp16(folder: Any) -> bool:
+    """Whether model.kv.onnx's cache is float16 (read from the file, before any session opens)."""
+    path = folder / I.KV_MODEL_FILE
+    try:
+        return graph_input_type(path, I.past_names(1)[0]) == FLOAT16
+    except (OSError, ProtoError) as e:
+        raise RuntimeArtifactError(f"{path} cannot be read as an ONNX graph ({e}); re-export the folder") from None
+
+
 _BYTE_PIECE = re.compile(r"(<0x[0-9A-F]{2}>)+")
 
 
@@ -342,8 +351,9 @@ def load(folder: str | Any, provider: str = "auto", threads: int | None = None, 
     graph: "auto" generates (batches too) on the shared-cache graph (model.kv.onnx) when the
     artifact has one and the session runs on the CPU, and opens model.onnx only when `forward`
     needs it (then both sessions hold the weights); "spec" uses model.onnx alone; "kv" insists on
-    model.kv.onnx. On CUDA "auto" means "spec": the kv graph is float32 and ONNX Runtime's CUDA
-    GroupQueryAttention takes float16/bfloat16 only.
+    model.kv.onnx. On CUDA "auto" picks the kv graph only when its cache is float16 (fp16
+    artifacts): ONNX Runtime's CUDA GroupQueryAttention takes float16/bfloat16 only, so a float32
+    kv graph there would run its attention on the CPU; those artifacts use model.onnx on CUDA.
     """
     check_load_args(folder, provider, PROVIDERS, threads, verify, VERIFY_MODES, graph, GRAPHS)
     info = read_artifact(folder, verify=verify)
@@ -355,7 +365,7 @@ def load(folder: str | Any, provider: str = "auto", threads: int | None = None, 
     tokenizer = _load_tokenizer(info)
     lift_mode = (info.manifest.get("lift") or {}).get("mode")
     cuda_first = provider in ("cuda", "auto") and cuda_available(ort)
-    if has_kv and (graph == "kv" or (graph == "auto" and not cuda_first)):
+    if has_kv and (graph == "kv" or (graph == "auto" and (not cuda_first or _kv_cache_fp16(info.folder)))):
         kv_session, device = open_session(ort, info.folder / I.KV_MODEL_FILE, provider, threads, lift_mode)
 
         def open_spec() -> Any:

@@ -62,13 +62,20 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _cache_dtype(sess) -> type:
+    """The graph's cache type: float16 in fp16 artifacts, float32 otherwise."""
+    t = next(i.type for i in sess.get_inputs() if i.name == past_names(1)[0])
+    return np.float16 if t == "tensor(float16)" else np.float32
+
+
 class KVStepper:
     """Batch-1 driver of the GQA graph: the cache buffers are allocated once and never copied."""
 
     def __init__(self, folder: Path, layers: int, heads: int, head_size: int, max_len: int):
         self.sess = _session(folder / KV_MODEL_FILE)
         self.layers = layers
-        self.bufs = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, max_len, head_size), np.float32))
+        dtype = _cache_dtype(self.sess)
+        self.bufs = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, max_len, head_size), dtype))
                      for _ in range(2 * layers)]
         self.length = 0  # tokens in the cache
         self.shared = True
@@ -98,7 +105,8 @@ class SpecStepper:
     def __init__(self, folder: Path, layers: int, heads: int, head_size: int):
         self.sess = _session(folder / MODEL_FILE)
         self.layers = layers
-        self.past = {n: np.zeros((1, heads, 0, head_size), np.float32) for n in past_names(layers)}
+        dtype = _cache_dtype(self.sess)
+        self.past = {n: np.zeros((1, heads, 0, head_size), dtype) for n in past_names(layers)}
         self.length = 0
 
     def step(self, ids: np.ndarray) -> np.ndarray:
@@ -291,6 +299,42 @@ def test_quantized_matches_its_spec_graph(tiny_artifacts, tmp_path, precision):
         ids = np.array([[t]], np.int64)
         a, b = kv.step(ids), spec.step(ids)
     assert kv.shared
+
+
+def test_fp16_keeps_a_float16_cache_and_matches_its_spec_graph(tiny_artifacts, tmp_path):
+    """An fp16 model.onnx (its nodes out of order: the fp16 converter appends its Casts) becomes a
+    kv graph whose cache, q/k/v and cos/sin caches are float16, computing what model.onnx does up
+    to fp16 rounding. The bound: the two graphs compute attention differently in float16 (GQA vs
+    MatMul/Softmax), so they agree to a few fp16 ulps of the logits' scale, not fp32's 1e-4; the
+    fed tokens are model.onnx's picks, so a near-tie cannot make the two runs diverge."""
+    folder = _copy_artifact(tiny_artifacts("arith", "fp16"), tmp_path / "fp16")
+    write_kv_graph(folder)
+    g = onnx.load(str(folder / KV_MODEL_FILE), load_external_data=False).graph
+    f16 = onnx.TensorProto.FLOAT16
+    assert all(i.type.tensor_type.elem_type == f16 for i in g.input if i.name.startswith("past_key_values"))
+    assert all(o.type.tensor_type.elem_type == f16 for o in g.output if o.name.startswith("present"))
+    assert {t.data_type for t in g.initializer if t.name.startswith("/model/gqa/")} == {f16}
+    layers, H, hs, max_len = _dims(folder)
+    kv, spec = KVStepper(folder, layers, H, hs, max_len), SpecStepper(folder, layers, H, hs)
+    a, b = kv.step(_prompt(2)), spec.step(_prompt(2))
+    worst = 0.0
+    for _ in range(DECODE_STEPS):
+        worst = max(worst, float(np.abs(a - b).max() / np.abs(b).max()))
+        ids = np.array([[int(b[0, -1].argmax())]], np.int64)
+        a, b = kv.step(ids), spec.step(ids)
+    assert worst <= 1e-2, worst  # measured 0 here (both round attention to fp16); fp32 agrees to 1e-4
+    assert kv.shared
+    assert all(buf.numpy().dtype == np.float16 for buf in kv.bufs)
+
+
+def test_the_runtime_reads_the_cache_type_from_the_file(kv_fp32):
+    """runtime.load picks the kv graph on CUDA only for a float16 cache, read before any session opens."""
+    from runtime.model import _kv_cache_fp16
+    from runtime.onnx_proto import FLOAT, graph_input_type
+
+    assert graph_input_type(kv_fp32 / KV_MODEL_FILE, past_names(1)[0]) == FLOAT
+    assert graph_input_type(kv_fp32 / KV_MODEL_FILE, "no such input") is None
+    assert _kv_cache_fp16(kv_fp32) is False
 
 
 def test_refuses_what_it_cannot_serve(kv_fp32):
