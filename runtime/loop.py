@@ -8,7 +8,7 @@ per row by the callback that `text_tracker` builds, only when stop strings or st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -106,6 +106,17 @@ def text_tracker(rows: list[Row], stop_strs: tuple[str, ...], tokenizer: Tokeniz
     return on_token
 
 
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of `text` could be the start of a stop string (not yet shown)."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return hold
+
+
 def stream_text(cache: DecodeCache, row: Row, args: GenerationArgs, pad_token_id: int,
                 tokenizer: Tokenizer) -> Iterator[str]:
     """One prompt's continuation as text pieces; "".join(pieces) is generate's text. Text that
@@ -116,13 +127,7 @@ def stream_text(cache: DecodeCache, row: Row, args: GenerationArgs, pad_token_id
     emitted = 0
 
     def safe_end(text: str) -> int:
-        hold = 0
-        for s in stop_strs:
-            for k in range(min(len(s) - 1, len(text)), hold, -1):
-                if text.endswith(s[:k]):
-                    hold = k
-                    break
-        return len(text) - hold
+        return len(text) - held_back(text, stop_strs)
 
     def on_token(i: int, t: int) -> None:
         nonlocal emitted

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..detok import IncrementalDetokenizer
+from ..loop import held_back
 from ..sampling import SamplingConfig, choose
 from .slots import SlotCache
 
@@ -331,7 +332,7 @@ class Scheduler:
                 out = req._text[req._emitted:]
                 req._emitted = len(req._text)
                 return out
-        end = len(req._text) - _held(req._text, req.stop)
+        end = len(req._text) - held_back(req._text, req.stop)
         out = req._text[req._emitted:end] if end > req._emitted else ""
         req._emitted = max(req._emitted, end)
         return out
@@ -355,12 +356,3 @@ class Scheduler:
         req.emit(Event("done", finish=req.finish, error=self.error if finish == "error" else None))
 
 
-def _held(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of `text` could be the start of a stop string."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:k]):
-                hold = k
-                break
-    return hold
