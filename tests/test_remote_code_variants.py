@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 
 from export.build import build, load_reference  # noqa: E402
 from export.errors import ExportError  # noqa: E402
+from test_remote_code import folder_model  # noqa: E402  (the oracle: transformers running the folder's code)
 
 CODE_DIR = Path(__file__).parent / "remote_code_neox"
 GPTJ_DIR = Path(__file__).parent / "remote_code_gptj"
@@ -64,14 +65,6 @@ def make_folder(folder: Path, tokenizer_dir: Path, **config_keys) -> Path:
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, folder / f.name)
     return folder
-
-
-def folder_model(folder: Path):
-    """The oracle: transformers itself running the folder's code."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True,
-                                                dtype=torch.float32).eval()
 
 
 def assert_artifact_matches_folder(out: Path, folder: Path) -> None:
