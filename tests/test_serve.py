@@ -225,6 +225,8 @@ def test_eight_concurrent_clients_each_get_their_solo_greedy_text(client, model,
     want = [model.generate(p, max_new_tokens=n).text for p, n in zip(PROMPTS, lengths)]
     steps_before = metric(server, "tablefree_decode_batch_size_count")
     rows_before = metric(server, "tablefree_decode_batch_size_sum")
+    timed_before = metric(server, "tablefree_decode_step_seconds_count")
+    seconds_before = metric(server, "tablefree_decode_step_seconds_sum")
 
     def ask(i: int) -> str:
         kw = dict(model=NAME, prompt=PROMPTS[i], max_tokens=lengths[i], temperature=0)
@@ -239,6 +241,9 @@ def test_eight_concurrent_clients_each_get_their_solo_greedy_text(client, model,
     steps = metric(server, "tablefree_decode_batch_size_count") - steps_before
     rows = metric(server, "tablefree_decode_batch_size_sum") - rows_before
     assert rows / steps > 1.5, "the requests were decoded in shared steps (continuous batching)"
+    # every decode step is timed once (the aggregate decode throughput is rows / these seconds)
+    assert metric(server, "tablefree_decode_step_seconds_count") - timed_before == steps
+    assert metric(server, "tablefree_decode_step_seconds_sum") > seconds_before
 
 
 @pytest.mark.parametrize("budget", [1, 3])
@@ -375,7 +380,8 @@ def test_models_health_metrics(client, server, model):
     status, text = _get(server, "/metrics")
     for name in ("tablefree_requests_total", "tablefree_generation_tokens_total", "tablefree_prompt_tokens_total",
                  "tablefree_queue_depth", "tablefree_active_slots", "tablefree_time_to_first_token_seconds_bucket",
-                 "tablefree_inter_token_latency_seconds_bucket", "tablefree_decode_batch_size_bucket"):
+                 "tablefree_inter_token_latency_seconds_bucket", "tablefree_decode_batch_size_bucket",
+                 "tablefree_decode_step_seconds_bucket"):
         assert name in text, name
 
 

@@ -255,6 +255,7 @@ class Scheduler:
         """One decode step of every active row. A row whose prompt is still going in (in pieces)
         rides along with a dummy token written at its next position, which its next piece
         overwrites (its length is put back); its logits are not read."""
+        t0 = time.perf_counter()
         feeding = [i for i, r in enumerate(self._active) if r._fed < len(r.prompt_ids)]
         tokens = np.asarray([r.ids[-1] if r.ids else 0 for r in self._active], np.int64)
         logits = self.cache.step(tokens)
@@ -273,6 +274,8 @@ class Scheduler:
                 self._take(r, logits[i : i + 1])
         for r in [r for r in self._active if r.finish is not None]:
             self._end(r, r.finish)
+        if self.metrics is not None:
+            self.metrics.step_seconds.observe(time.perf_counter() - t0)
 
     def _take(self, req: GenRequest, logits: np.ndarray, token: int | None = None) -> None:
         """Choose the request's next token from its logits [1, V] and hand out its text."""

@@ -21,6 +21,9 @@ class Metrics:
         self.max_slots.set(max_batch)
         self.batch_size = Histogram("tablefree_decode_batch_size", "Rows of each decode step", registry=r,
                                     buckets=tuple(float(b) for b in (1, 2, 4, 8, 16, 32, 64, 128)))
+        # with batch_size's sum (rows decoded), the aggregate decode throughput: rows / step seconds
+        self.step_seconds = Histogram("tablefree_decode_step_seconds", "Wall time of each decode step (all rows, "
+                                      "token choice and text included)", registry=r, buckets=_LATENCY)
         self.ttft = Histogram("tablefree_time_to_first_token_seconds", "Submit to first token", registry=r,
                               buckets=_LATENCY)
         self.itl = Histogram("tablefree_inter_token_latency_seconds", "Between two tokens of a request", registry=r,
