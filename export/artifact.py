@@ -17,6 +17,7 @@ from runtime.interface import (ATTENTION_MASK, CONFIG_FILE, FORMAT_NAME, FORMAT_
                                GENERATION_CONFIG_FILE, INPUT_IDS, LOGITS, MODEL_FILE, PAST_KEY, PAST_VALUE,
                                POSITION_IDS, PRESENT_KEY, PRESENT_VALUE, TOKENIZER_FILES)
 
+from .errors import ExportError
 from .writer import ArtifactWriter
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -51,6 +52,27 @@ def genai_readable_tokenizer(path: Path, vocab_size: int) -> bytes:
         return raw
 
 
+def _chat_template_file(source: Path, root: Path) -> str | None:
+    """chat_template.jinja (transformers >= 4.47 saves the template there) or chat_template.json,
+    inside the checkpoint folder; the artifact keeps it in tokenizer_config.json, where the server
+    and the other front ends look."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        try:
+            real = (source / name).resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue
+        if not real.is_file() or not real.is_relative_to(root):
+            continue
+        try:
+            text = real.read_text(encoding="utf-8")
+            value = json.loads(text).get("chat_template") if name.endswith(".json") else text
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise ExportError(f"{source / name} is not a readable chat template ({type(e).__name__}: {e}); "
+                              "fix or remove it and export again") from None
+        return value if isinstance(value, (str, list)) else None
+    return None
+
+
 def copy_tokenizer(w: ArtifactWriter, source: Path, vocab_size: int | None = None) -> list[str]:
     """The checkpoint's tokenizer files, each only if it resolves inside the checkpoint folder;
     tokenizer_config.json gains `model_input_names` (written even when the checkpoint had none);
@@ -67,6 +89,9 @@ def copy_tokenizer(w: ArtifactWriter, source: Path, vocab_size: int | None = Non
             continue
         if name == TOKENIZER_CONFIG_FILE:
             tc = json.loads(real.read_text())
+            template = _chat_template_file(source, root)
+            if template is not None and "chat_template" not in tc:  # newer transformers keep it beside
+                tc["chat_template"] = template
             w.write_json(name, {**tc, "model_input_names": MODEL_INPUT_NAMES})
         elif name == "tokenizer.json" and vocab_size is not None:
             w.write_bytes(name, genai_readable_tokenizer(real, vocab_size))

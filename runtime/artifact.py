@@ -31,7 +31,8 @@ from .interface import (
 VERIFY_MODES = ("sha256", "size", "none")
 DEFAULT_VERIFY = "sha256"
 # every file the runtime (or ONNX Runtime on its behalf) reads; each one in the folder must be listed
-READ_FILES = (MODEL_FILE, DATA_FILE, KV_MODEL_FILE, CONFIG_FILE, TOKENIZER_FILES[0], GENERATION_CONFIG_FILE)
+READ_FILES = (MODEL_FILE, DATA_FILE, KV_MODEL_FILE, CONFIG_FILE, TOKENIZER_FILES[0], TOKENIZER_FILES[1],
+              GENERATION_CONFIG_FILE)
 REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE)
 CONFIG_INTS = ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "max_position_embeddings")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -46,6 +47,7 @@ class ArtifactInfo:
     manifest: dict[str, Any]
     config: dict[str, Any]
     generation_config: dict[str, Any] = field(default_factory=dict)
+    tokenizer_config: dict[str, Any] = field(default_factory=dict)  # the server's chat template lives here
 
     @property
     def vocab_size(self) -> int:
@@ -194,4 +196,6 @@ def read_artifact(folder: str | Path, verify: str = DEFAULT_VERIFY, stamps: Stam
     _check_config(config_path, config)
     gen_path = folder / GENERATION_CONFIG_FILE
     gen = _read_json(gen_path, "") if gen_path.is_file() else {}
-    return ArtifactInfo(folder=folder, manifest=manifest, config=config, generation_config=gen)
+    tc_path = folder / TOKENIZER_FILES[1]
+    tc = _read_json(tc_path, "") if tc_path.is_file() else {}
+    return ArtifactInfo(folder=folder, manifest=manifest, config=config, generation_config=gen, tokenizer_config=tc)

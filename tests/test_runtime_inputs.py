@@ -114,6 +114,12 @@ GENERATE_CASES = [
 ]
 
 
+@pytest.fixture
+def built(tiny_artifacts) -> Path:
+    """The tiny artifact, built before `no_session` forbids sessions (the builder's gate opens them)."""
+    return tiny_artifacts("arith")
+
+
 @pytest.mark.parametrize("kw,error,word", GENERATE_CASES, ids=[repr(c[0])[:60] for c in GENERATE_CASES])
 def test_generate_and_stream_refuse_before_any_run(model, runs, kw, error, word):
     kw = {"prompt": "hello", "max_new_tokens": 4, **kw}
@@ -197,8 +203,8 @@ def no_session(monkeypatch):
     (dict(folder=None), InputError, "folder"),
     (dict(folder=5), InputError, "folder"),
 ])
-def test_load_arguments_refused_before_reading(tiny_artifacts, no_session, kw, error, word):
-    kw = {"folder": tiny_artifacts("arith"), "provider": "cpu", **kw}
+def test_load_arguments_refused_before_reading(built, no_session, kw, error, word):
+    kw = {"folder": built, "provider": "cpu", **kw}
     with pytest.raises(error) as e:
         runtime.load(**kw)
     assert type(e.value) is error and word in one_line(e)

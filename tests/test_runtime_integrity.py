@@ -80,8 +80,14 @@ def _write_manifest(folder: Path, m: dict) -> None:
     (folder / I.MANIFEST_FILE).write_text(json.dumps(m))
 
 
-def test_default_load_refuses_a_byte_flip_in_every_file(tiny_artifacts, tmp_path, stamps, no_session):
-    src = tiny_artifacts("arith")
+@pytest.fixture
+def built(tiny_artifacts) -> Path:
+    """The tiny artifact, built before `no_session` forbids sessions (the builder's gate opens them)."""
+    return tiny_artifacts("arith")
+
+
+def test_default_load_refuses_a_byte_flip_in_every_file(built, tmp_path, stamps, no_session):
+    src = built
     names = sorted(_manifest(src)["files"])
     assert set(READ_FILES) <= set(names) | {I.GENERATION_CONFIG_FILE}
     on_disk = sorted(p.name for p in src.iterdir() if p.name != I.MANIFEST_FILE)

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP app (FastAPI) in front of one Scheduler.
 
 Endpoints: POST /v1/completions (JSON or server-sent events), GET /v1/models, GET /health,
-GET /metrics (Prometheus), and POST /v1/chat/completions, which answers 400: the artifacts are
-base models without a chat template. Every refusal is OpenAI's error JSON; a bad request is
+GET /metrics (Prometheus), and POST /v1/chat/completions: served when the artifact's
+tokenizer_config.json has a chat template (chat.py), else a 400 that names /v1/completions (a base
+model has none). Every refusal is OpenAI's error JSON; a bad request is
 refused before it reaches the scheduler, so it never costs another request anything.
 
 The app is built by `create_app(model, ...)` and owns its scheduler through the app's lifespan
@@ -21,10 +22,13 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import RuntimeArtifactError
 from ..sampling import SamplingConfig
+from .chat import ChatRequest, ChatTemplate, Shape, completion_of, no_template
 from .engine import Event, GenRequest, QueueFullError, Scheduler, ShuttingDownError
 from .metrics import Metrics
 from .protocol import APIError, CompletionRequest, bad, check_options
@@ -58,6 +62,15 @@ class _Served:
         self.vocab_size = model.info.vocab_size
         self.max_len = scheduler.max_len
         self.created = int(time.time())
+        try:
+            self.chat_template = ChatTemplate.of(model.info.tokenizer_config)
+        except RuntimeError as e:  # a template that does not compile: say so at start, not per request
+            raise RuntimeArtifactError(f"{model.info.folder}: {e}") from None
+
+    def check_model(self, model: str) -> None:
+        if model != self.name:
+            raise APIError(404, f"model {model!r} is not served here; this server serves {self.name!r} "
+                           "(GET /v1/models)", "model", "model_not_found")
 
     def prompts(self, prompt: Any) -> list[list[int]]:
         """The request's prompt(s) as token rows, checked (empty, ids out of range, length)."""
@@ -144,9 +157,21 @@ def create_app(model: Any, name: str | None = None, max_batch: int = 8, max_queu
             "max_model_len": served.max_len}]})
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> JSONResponse:
-        raise APIError(400, f"{served.name} is a base model without a chat template, so it has no chat "
-                       "endpoint: use POST /v1/completions with a text prompt", code="no_chat_template")
+    async def chat(request: Request) -> Response:
+        if served.chat_template is None:
+            raise no_template(served.name)
+        try:
+            body = ChatRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        served.check_model(body.model)
+        if served.tokenizer is None:
+            raise bad("this artifact has a chat template but no tokenizer.json to encode it", "messages")
+        text = served.chat_template.render(body.messages)
+        ids = served.tokenizer.encode(text, add_special_tokens=False).ids
+        if not ids:
+            raise bad("the messages render to an empty prompt", "messages")
+        return await _complete(served, completion_of(body, ids), request, Shape(chat=True))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -208,10 +233,8 @@ class _Choice:
                 "top_logprobs": self.top[start:], "text_offset": self.offsets[start:]}
 
 
-async def _complete(served: _Served, body: CompletionRequest, request: Request) -> Response:
-    if body.model != served.name:
-        raise APIError(404, f"model {body.model!r} is not served here; this server serves {served.name!r} "
-                       "(GET /v1/models)", "model", "model_not_found")
+async def _complete(served: _Served, body: CompletionRequest, request: Request, shape: Shape = Shape(chat=False)) -> Response:
+    served.check_model(body.model)
     rows = served.prompts(body.prompt)
     reqs = _requests(served, body, rows)
     outbox = _Outbox.of(asyncio.get_running_loop())
@@ -236,7 +259,7 @@ async def _complete(served: _Served, body: CompletionRequest, request: Request) 
             raise APIError(429, f"the server is busy: {e}", code="queue_full", type="server_overloaded")
         raise APIError(503, f"the server cannot take requests: {e}", code="unavailable")
     served.metrics.prompt_tokens.inc(sum(len(r) for r in rows) * n)
-    cid = f"cmpl-{uuid.uuid4().hex}"
+    cid = f"{shape.id_prefix}{uuid.uuid4().hex}"
     created = int(time.time())
     usage_of = lambda: {"prompt_tokens": sum(len(r) for r in rows), "completion_tokens": sum(len(r.ids) for r in reqs),
                         "total_tokens": sum(len(r) for r in rows) + sum(len(r.ids) for r in reqs)}
@@ -266,23 +289,22 @@ async def _complete(served: _Served, body: CompletionRequest, request: Request) 
             watcher.cancel()
             cancel_all()
         return JSONResponse({
-            "id": cid, "object": "text_completion", "created": created, "model": served.name,
-            "choices": [{"index": c.index, "text": c.text, "logprobs": c.logprobs(), "finish_reason": c.finish}
-                        for c in choices],
+            "id": cid, "object": shape.object, "created": created, "model": served.name,
+            "choices": [shape.choice(c.index, c.text, c.logprobs(), c.finish) for c in choices],
             "usage": usage_of()})
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(c: _Choice, text: str, finish: str | None, lp: dict | None = None) -> str:
+    def chunk(c: _Choice, text: str, finish: str | None, lp: dict | None = None, first: bool = False) -> str:
         return "data: " + json.dumps({
-            "id": cid, "object": "text_completion", "created": created, "model": served.name,
-            "choices": [{"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish}]}) + "\n\n"
+            "id": cid, "object": shape.chunk_object, "created": created, "model": served.name,
+            "choices": [shape.delta(c.index, text, lp, finish, first)]}) + "\n\n"
 
     async def sse() -> AsyncIterator[str]:
         try:
             for c in choices:
-                if c.text:  # echo
-                    yield chunk(c, c.text, None)
+                if c.text or shape.chat:  # echo; a chat stream opens each choice with the assistant's role
+                    yield chunk(c, c.text, None, first=True)
             pending = len(reqs)
             while pending:
                 batch = [await events.get()]
@@ -310,7 +332,7 @@ async def _complete(served: _Served, body: CompletionRequest, request: Request) 
                 if out:
                     yield "".join(out)
             if include_usage:
-                yield "data: " + json.dumps({"id": cid, "object": "text_completion", "created": created,
+                yield "data: " + json.dumps({"id": cid, "object": shape.chunk_object, "created": created,
                                              "model": served.name, "choices": [], "usage": usage_of()}) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we finished): running requests leave their slots now
