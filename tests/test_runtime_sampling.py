@@ -84,6 +84,27 @@ def test_filter_edge_cases():
     assert np.isinf(run(y, top_p=0.6)).sum() == 3  # at temperature 1 only the top token holds 0.6
 
 
+@pytest.mark.parametrize("scale,p", [(12.0, 0.9), (6.0, 0.95), (3.0, 0.95), (0.3, 0.5), (8.0, 0.999)])
+def test_top_p_on_a_full_vocabulary_row_matches_oracle(scale, p):
+    """Rows of the seed's 65,536 tokens take the candidates-only path (sampling.TOP_P_CANDIDATES)
+    when the most likely tokens hold p of the mass, the full sort otherwise (the flat row); both
+    must keep exactly the oracle's tokens, also with ties across the cut and -inf entries."""
+    from runtime.sampling import _top_p_row
+
+    rng = np.random.default_rng(int(scale * 10))
+    row = (rng.standard_normal(65536) * scale).astype(np.float32)
+    row[rng.integers(0, 65536, 5000)] = NEG
+    tied = row.copy()
+    order = np.argsort(-tied)
+    tied[order[1020:1030]] = tied[order[1024]]  # a tie across the first cut
+    for x in (row, tied):
+        want = oracle(x, top_p=p)
+        got = run(x, top_p=p)
+        np.testing.assert_array_equal(np.flatnonzero(~np.isinf(got)), np.flatnonzero(~np.isinf(want)))
+    decided = _top_p_row(row.astype(np.float64), p, 8192) is not None
+    assert decided == (scale >= 3.0)  # the peaked rows are decided among the candidates, the flat one is not
+
+
 def test_temperature_to_zero_is_argmax():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(3, 1000)).astype(np.float32)
