@@ -57,7 +57,17 @@ def export_once(ckpt: Path, out: Path, precision: str, code: str, verify: bool =
     row["verify_s"] = stages.get("verify")
     row["artifact_bytes"] = sum(e["size"] for e in manifest["files"].values())
     row["parity"] = {c["name"]: c["value"] for c in manifest["parity"].get("checks", [])}
+    row["gate_phases"] = manifest["parity"].get("phases", [])  # reference side, sessions, checks: s and RSS
     return row
+
+
+def phase_table(row: dict) -> str:
+    """The build's stages, then the gate's phases in order: seconds, RSS and peak RSS at the phase's end
+    (the phase where the peak column grows is the one that set the build's peak)."""
+    rows = [(f"stage: {k}", f"{v:.1f}", "", "") for k, v in row.get("stages_s", {}).items()]
+    rows += [(p["name"], f"{p['seconds']:.1f}", f"{p['rss_bytes'] / 1e9:.2f}", f"{p['peak_rss_bytes'] / 1e9:.2f}")
+             for p in row.get("gate_phases", [])]
+    return text_table(["phase", "s", "RSS GB", "peak GB"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text_table(["precision", "ok", "export s", "verify s", "wall s", "peak RSS GB", "x weights"],
                      [(r["precision"], r["ok"], r.get("export_s", "-"), r.get("verify_s") or "-", r["wall_s"],
                        f"{r['peak_rss_bytes'] / 1e9:.2f}", r["rss_over_weights"]) for r in rows]))
+    for r in rows:
+        if r.get("gate_phases") or r.get("stages_s"):
+            print(f"\n{r['precision']}: stages and gate phases")
+            print(phase_table(r))
     results = OUT_JSON.with_name("export-noverify.json") if args.no_verify else OUT_JSON
     write_json(results, {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                          "weight_bytes": wb, "targets": {"fp32_s": 90, "fp32_rss_x": 2.5}, "runs": rows})

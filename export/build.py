@@ -292,17 +292,21 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
             parity, verified, passed = {"skipped": "--no-verify"}, [], True
             if verify:
                 from .progress import Bar
-                from .verify import expectations, gate_units, run_gate
+                from .verify import Laps, expectations, gate_units, run_gate
 
                 bar = Bar("verify", gate_units(cfg, kv_graph=kv_info["file"] is not None),
                           enabled=progress and sys.stderr.isatty())
                 with stages("verify", heartbeat=not bar.enabled):
                     vprov = verify_providers(provider, log)
+                    laps = Laps()  # the gate's phases, with the peak memory so far (manifest: parity -> phases)
+                    laps("before the gate")
                     lm = load_reference(folder, key_map, overrides)
-                    expected = expectations(lm, w.folder, log, bar=bar)
+                    laps("reference: load")
+                    expected = expectations(lm, w.folder, log, bar=bar, laps=laps)
                     del lm  # the reference's weights go before ONNX Runtime loads the artifact's copy
                     gc.collect()
-                    report = run_gate(w.folder, expected, precision, vprov, log, bar=bar)
+                    laps("reference: freed")
+                    report = run_gate(w.folder, expected, precision, vprov, log, bar=bar, laps=laps)
                     bar.close()
                 log(report.table())
                 parity, passed = report.to_dict(), report.passed

@@ -29,7 +29,7 @@ from runtime.interface import (ATTENTION_MASK, INPUT_IDS, KV_MODEL_FILE, LOGITS,
                                POSITION_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, past_names, present_names)
 
 from .floors import FP32_REL_TOL, GREEDY_TOKENS, floors_for
-from .progress import Bar, NoBar
+from .progress import Bar, NoBar, rss_bytes
 
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -45,28 +45,46 @@ class Check:
     seconds: float = 0.0
 
 
+class Laps:
+    """The gate's timeline: `laps(name)` closes a phase (seconds since the previous one, this
+    process's resident and peak resident bytes at its end). Why: the gate's cost is the sum of
+    its phases; these rows (manifest: parity -> phases) say which phase took the time and which
+    one set the build's peak memory."""
+
+    def __init__(self, rows: list[dict] | None = None):
+        self.rows: list[dict] = list(rows or [])
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> float:
+        now = time.perf_counter()
+        rss, peak = rss_bytes()
+        seconds = round(now - self._t, 3)
+        self.rows.append({"name": name, "seconds": seconds, "rss_bytes": rss, "peak_rss_bytes": peak})
+        self._t = now
+        return seconds
+
+
 @dataclass
 class Report:
     precision: str
     provider: str
     checks: list[Check] = field(default_factory=list)
-    _t: float = field(default_factory=time.perf_counter, repr=False)
+    laps: Laps = field(default_factory=Laps, repr=False)
 
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.checks if c.required)
 
     def add(self, *args, **kwargs) -> Check:
-        """Record a check; its time is what passed since the previous one was recorded."""
-        now = time.perf_counter()
-        c = Check(*args, **kwargs, seconds=round(now - self._t, 3))
-        self._t = now
+        """Record a check; its time is what passed since the previous check or phase was recorded."""
+        c = Check(*args, **kwargs)
+        c.seconds = self.laps(c.name)
         self.checks.append(c)
         return c
 
     def to_dict(self) -> dict:
         return {"precision": self.precision, "provider": self.provider, "passed": self.passed,
-                "checks": [asdict(c) for c in self.checks]}
+                "checks": [asdict(c) for c in self.checks], "phases": self.laps.rows}
 
     def table(self) -> str:
         rows = [("check", "value", "bound", "result")]
@@ -338,11 +356,12 @@ class Expected:
 
 
 def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = print, seed: int = 0,
-                 bar: Bar | None = None) -> Expected:
-    """Run the reference side of every check (SPEC 5) on seeded inputs."""
+                 bar: Bar | None = None, laps: Laps | None = None) -> Expected:
+    """Run the reference side of every check (SPEC 5) on seeded inputs (each part a phase of `laps`)."""
     from reference.generate import generate
 
     bar = bar or NoBar()
+    laps = laps if laps is not None else Laps()
 
     lm.eval()
     cfg = lm.cfg
@@ -354,15 +373,20 @@ def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = pri
     padded_rows = [[int(x) for x in rng.integers(0, V, size=n)] for n in (5, 9)]
     held_ids, held_source, held_logits = heldout_tokens(lm, folder, 4, 64, log)
     bar.advance(1, "reference: held-out text")
+    laps(f"reference: held-out text ({'sampled, with logits' if held_logits is not None else 'tokenized'})")
     batch_logits = ref_logits(lm, batch_ids)
     bar.advance(1, "reference: batch")
+    laps("reference: batch logits")
     seq_logits = ref_logits(lm, seq_ids)
     bar.advance(1, "reference: sequence")
+    laps("reference: sequence logits")
     greedy = list(generate(lm, prompt, GREEDY_TOKENS, do_sample=False))
     bar.advance(1, "reference: greedy")
+    laps(f"reference: greedy {GREEDY_TOKENS} tokens")
     if held_logits is None:  # sampled text brought its logits along
         held_logits = ref_logits(lm, held_ids)
     bar.advance(1, "reference: held-out logits")
+    laps("reference: held-out logits")
     return Expected(cfg=cfg, batch_ids=batch_ids, batch_logits=batch_logits, seq_ids=seq_ids, seq_logits=seq_logits,
                     prompt=prompt, greedy_tokens=greedy, padded_rows=padded_rows, held_ids=held_ids,
                     held_source=held_source, held_logits=held_logits,
@@ -370,15 +394,17 @@ def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = pri
 
 
 def run_gate(folder: Path, e: Expected, precision: str = "fp32", provider: str = "cpu",
-             log: Callable[[str], None] = print, bar: Bar | None = None) -> Report:
+             log: Callable[[str], None] = print, bar: Bar | None = None, laps: Laps | None = None) -> Report:
     """All SPEC 5 checks on the saved artifact in `folder` against the reference values `e` (from
-    `expectations`); returns the report (never raises on a failed check)."""
+    `expectations`); returns the report (never raises on a failed check). `laps`: the timeline the
+    reference side started, continued here."""
     folder = Path(folder)
     cfg = e.cfg
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
-    report = Report(precision, providers[0])
+    report = Report(precision, providers[0], laps=laps if laps is not None else Laps())
     exact = precision == "fp32"
     m = OrtLM(folder, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size, providers)
+    report.laps(f"open {MODEL_FILE}")
     tick = (bar or NoBar()).advance
 
     check_lift(report, folder / MODEL_FILE, cfg, providers, tick=tick, table=e.table)
@@ -441,6 +467,7 @@ def run_gate(folder: Path, e: Expected, precision: str = "fp32", provider: str =
                detail=f"ppl {q['ppl']:.4g} vs fp32 reference {q['ppl_ref']:.4g}; {source}")
     if (folder / KV_MODEL_FILE).is_file():
         del m  # one session's weights at a time: the build's peak memory stays that of one graph
+        report.laps(f"release {MODEL_FILE}")
         check_kv_graph(report, folder, e, precision, providers, tick)
     return report
 
@@ -453,6 +480,7 @@ def check_kv_graph(report: Report, folder: Path, e: Expected, precision: str, pr
     fl = floors_for(precision)
     longest = max(e.batch_ids.shape[1], e.seq_ids.shape[1], len(e.prompt) + GREEDY_TOKENS, e.held_ids.shape[1])
     kv = KvLM(folder, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size, providers, longest)
+    report.laps(f"open {KV_MODEL_FILE}")
 
     want = e.batch_logits[0]
     got = kv.prefill(e.batch_ids[:1])[0]
