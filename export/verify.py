@@ -278,12 +278,13 @@ def check_lift(report: Report, model_path: Path, cfg: ModelConfig, providers: li
                detail=detail)
 
 
-def heldout_tokens(lm: TableFreeLM, folder: Path, n_seq: int, seq_len: int,
-                   log: Callable) -> tuple[np.ndarray, str, np.ndarray | None]:
-    """Tail 10% of tinyshakespeare through the artifact's tokenizer; else text sampled from the
-    reference. Third: the reference logits [n_seq, seq_len, V] of sampled text (the sampling ran
-    the reference over every position already, through its KV cache), None for the tinyshakespeare
-    tail, whose logits the caller computes."""
+HELD_ROWS, HELD_LEN = 4, 64  # held-out text: rows x positions
+HELD_SEED = 1234
+
+
+def heldout_text(folder: Path, vocab_size: int, log: Callable[[str], None] = lambda m: None) -> np.ndarray | None:
+    """Tail 10% of tinyshakespeare through the artifact's tokenizer, [HELD_ROWS, HELD_LEN]; None
+    when the data or a tokenizer is missing (the held-out text is then sampled from the reference)."""
     try:
         from reference.data import shared_data_file
         from tokenizers import Tokenizer
@@ -294,26 +295,85 @@ def heldout_tokens(lm: TableFreeLM, folder: Path, n_seq: int, seq_len: int,
             text = text_path.read_text(encoding="utf-8")
             tail = text[int(len(text) * 0.9):]
             ids = Tokenizer.from_file(str(tok_path)).encode(tail).ids
-            ids = [t for t in ids if 0 <= t < lm.cfg.vocab_size]
-            if len(ids) >= n_seq * seq_len:
-                return (np.array(ids[: n_seq * seq_len], np.int64).reshape(n_seq, seq_len), "tinyshakespeare tail 10%",
-                        None)
+            ids = [t for t in ids if 0 <= t < vocab_size]
+            if len(ids) >= HELD_ROWS * HELD_LEN:
+                return np.array(ids[: HELD_ROWS * HELD_LEN], np.int64).reshape(HELD_ROWS, HELD_LEN)
     except Exception as e:  # missing data or tokenizer: fall back, say so
         log(f"  held-out text unavailable ({type(e).__name__}); sampling sequences from the fp32 reference")
-    g = torch.Generator().manual_seed(1234)
-    with torch.no_grad():  # all rows at once, through the KV cache
-        ids = torch.randint(0, lm.cfg.vocab_size, (n_seq, 1), generator=g)
-        out, seen, past = [ids], [], None
-        for t in range(seq_len):
-            mask = torch.ones(n_seq, t + 1, dtype=torch.int64)
-            logits, past = lm(ids, attention_mask=mask, position_ids=torch.full((n_seq, 1), t), past_key_values=past)
-            seen.append(logits[:, -1].float())
-            if t == seq_len - 1:
-                break  # the last position's logits complete the array; no token is sampled after it
-            ids = torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1, generator=g)
-            out.append(ids)
-    return (torch.cat(out, dim=1).numpy().astype(np.int64), "sampled from the fp32 reference",
-            torch.stack(seen, dim=1).numpy())
+    return None
+
+
+def held_first(vocab_size: int) -> np.ndarray:
+    """The first token of each sampled held-out row [HELD_ROWS] (seeded)."""
+    return np.random.default_rng(HELD_SEED).integers(0, vocab_size, HELD_ROWS)
+
+
+def held_noise(vocab_size: int, t: int) -> np.ndarray:
+    """Gumbel noise [HELD_ROWS, V] for drawing the token after position t of the sampled held-out text."""
+    return np.random.default_rng((HELD_SEED, t)).gumbel(size=(HELD_ROWS, vocab_size))
+
+
+def draw(logits: np.ndarray, gumbel: np.ndarray) -> np.ndarray:
+    """Sample one token per row of `logits` [B, V] at temperature 1: argmax(logits + Gumbel noise), an
+    exact draw from softmax(logits). Why this rule and not an inverse CDF: the noise is fixed in
+    advance, so the text is a function of the model's logits alone, and two models whose logits
+    differ by float32 rounding draw the same token unless the two best noisy scores are that close
+    (about 1e-5 of draws). An inverse CDF moves every one of the V boundaries with the rounding:
+    about 1% of draws differed at V 65,536 between ONNX Runtime and PyTorch on the same weights."""
+    return (logits.astype(np.float64) + gumbel).argmax(-1)
+
+
+@torch.no_grad()
+def sample_from(lm: TableFreeLM, prefix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Continue the rows of `prefix` [HELD_ROWS, k] to HELD_LEN tokens, drawing with `held_noise` through the KV cache;
+    returns the ids [B, HELD_LEN] and the reference logits at every position [B, HELD_LEN, V]."""
+    B = prefix.shape[0]
+    logits, past = lm(torch.from_numpy(prefix.astype(np.int64)))
+    seen = [logits.float().numpy()]
+    ids = prefix.astype(np.int64)
+    while ids.shape[1] < HELD_LEN:
+        t = ids.shape[1]
+        nxt = draw(seen[-1][:, -1], held_noise(lm.cfg.vocab_size, t - 1))
+        ids = np.concatenate([ids, nxt[:, None]], axis=1)
+        logits, past = lm(torch.from_numpy(nxt[:, None]), attention_mask=torch.ones(B, t + 1, dtype=torch.int64),
+                          position_ids=torch.full((B, 1), t), past_key_values=past)
+        seen.append(logits.float().numpy())
+    return ids, np.concatenate(seen, axis=1)
+
+
+def first_disagreement(picks: np.ndarray, proposed: np.ndarray) -> int | None:
+    """The first position (last axis) where any row's reference pick differs from the proposal; None if none does."""
+    bad = np.flatnonzero(np.atleast_2d(np.asarray(picks) != np.asarray(proposed)).any(0))
+    return int(bad[0]) if bad.size else None
+
+
+def heldout_tokens(lm: TableFreeLM, folder: Path, log: Callable, proposal: np.ndarray | None = None,
+                   ) -> tuple[np.ndarray, str, np.ndarray | None, int]:
+    """(ids, source, logits, positions accepted from `proposal`): the tinyshakespeare tail
+    (logits None: the caller computes them), else text sampled from the reference with
+    `held_first` and `held_noise`, with its reference logits [HELD_ROWS, HELD_LEN, V].
+
+    Sampling is sequential: 63 steps of the whole model. A `proposal` (the same sampling run on the
+    artifact) turns that into one forward pass: the reference computes its logits for the proposed
+    rows and draws each next token with the same uniform; where every draw agrees, the proposal is
+    exactly the reference's sample. From the first position where one does not, sampling goes on
+    in the reference from the agreed prefix, as without a proposal."""
+    ids = heldout_text(folder, lm.cfg.vocab_size, log)
+    if ids is not None:
+        return ids, "tinyshakespeare tail 10%", None, 0
+    V = lm.cfg.vocab_size
+    source = "sampled from the fp32 reference"
+    prefix = held_first(V)[:, None]
+    if proposal is not None and proposal.shape == (HELD_ROWS, HELD_LEN) and np.array_equal(proposal[:, :1], prefix):
+        logits = ref_logits(lm, proposal)
+        picks = np.stack([draw(logits[:, t], held_noise(V, t)) for t in range(HELD_LEN - 1)], axis=1)
+        k = first_disagreement(picks, proposal[:, 1:])
+        if k is None:
+            return proposal.astype(np.int64), source, logits, HELD_LEN
+        del logits
+        prefix = proposal[:, : k + 1]  # what the reference itself draws up to here
+    ids, logits = sample_from(lm, prefix)
+    return ids, source, logits, prefix.shape[1] if proposal is not None else 0
 
 
 def quality(ref: np.ndarray, got: np.ndarray, ids: np.ndarray) -> dict[str, float]:
@@ -363,34 +423,75 @@ class Expected:
     table: np.ndarray | None = None  # a learned-table model's input table: the lift check compares its rows
 
 
-def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = print, seed: int = 0,
-                 bar: Bar | None = None, laps: Laps | None = None) -> Expected:
-    """Run the reference side of every check (SPEC 5) on seeded inputs (each part a phase of `laps`)."""
+def gate_inputs(vocab_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[int], list[list[int]]]:
+    """The seeded ids of the checks: batch [2, 12], sequence [1, 16], greedy prompt (8), padded rows (5 and 9)."""
+    rng = np.random.default_rng(seed)
+    V = vocab_size
+    batch_ids = rng.integers(0, V, size=(2, 12))
+    seq_ids = rng.integers(0, V, size=(1, 16))
+    prompt = [int(x) for x in rng.integers(0, V, size=8)]
+    padded_rows = [[int(x) for x in rng.integers(0, V, size=n)] for n in (5, 9)]
+    return batch_ids, seq_ids, prompt, padded_rows
+
+
+@dataclass
+class Proposal:
+    """Token sequences the artifact proposes for the reference's two sequential computations (its
+    greedy continuation of the prompt, its sampled held-out text); the reference accepts or
+    corrects them (`expectations`), so they cost time when wrong, never correctness."""
+
+    greedy: list[int]
+    held_ids: np.ndarray | None = None
+
+
+def reference_greedy(lm: TableFreeLM, prompt: list[int], proposal: list[int] | None) -> tuple[list[int], int]:
+    """(the reference's greedy continuation of `prompt`, GREEDY_TOKENS tokens; how many of
+    `proposal` it accepted). With a proposal: one forward pass over prompt + proposal gives the
+    reference's next-token logits after every proposed prefix; the continuation is the proposal up
+    to the first position whose argmax differs, then reference.generate.generate from there."""
     from reference.generate import generate
 
+    k, proposal = 0, [int(t) for t in proposal or []]
+    if len(proposal) == GREEDY_TOKENS:
+        logits = ref_logits(lm, np.array([prompt + proposal[:-1]], np.int64))[0, len(prompt) - 1:]
+        bad = first_disagreement(logits.argmax(-1), np.array(proposal))
+        if bad is None:
+            return proposal, GREEDY_TOKENS
+        k = bad
+    return proposal[:k] + list(generate(lm, prompt + proposal[:k], GREEDY_TOKENS - k, do_sample=False)), k
+
+
+def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = print, seed: int = 0,
+                 bar: Bar | None = None, laps: Laps | None = None, proposal: Proposal | None = None) -> Expected:
+    """Run the reference side of every check (SPEC 5) on seeded inputs (each part a phase of `laps`).
+
+    `proposal` (export/verify_draft.py) makes the two sequential parts, greedy decoding and sampling
+    the held-out text, one forward pass each when the artifact proposed what the reference computes;
+    the values are the reference's either way."""
     bar = bar or NoBar()
     laps = laps if laps is not None else Laps()
 
     lm.eval()
     cfg = lm.cfg
-    rng = np.random.default_rng(seed)
-    V = cfg.vocab_size
-    batch_ids = rng.integers(0, V, size=(2, 12))
-    seq_ids = rng.integers(0, V, size=(1, 16))
-    prompt = [int(x) for x in rng.integers(0, V, size=8)]
-    padded_rows = [[int(x) for x in rng.integers(0, V, size=n)] for n in (5, 9)]
-    held_ids, held_source, held_logits = heldout_tokens(lm, folder, 4, 64, log)
+    batch_ids, seq_ids, prompt, padded_rows = gate_inputs(cfg.vocab_size, seed)
+    held_ids, held_source, held_logits, held_ok = heldout_tokens(
+        lm, folder, log, proposal.held_ids if proposal is not None else None)
     bar.advance(1, "reference: held-out text")
-    laps(f"reference: held-out text ({'sampled, with logits' if held_logits is not None else 'tokenized'})")
+    if held_logits is None:
+        laps("reference: held-out text (tokenized)")
+    else:
+        laps(f"reference: held-out text sampled, with logits (proposal: {held_ok}/{HELD_LEN} positions accepted)"
+             if proposal is not None and proposal.held_ids is not None else "reference: held-out text sampled, with logits")
     batch_logits = ref_logits(lm, batch_ids)
     bar.advance(1, "reference: batch")
     laps("reference: batch logits")
     seq_logits = ref_logits(lm, seq_ids)
     bar.advance(1, "reference: sequence")
     laps("reference: sequence logits")
-    greedy = list(generate(lm, prompt, GREEDY_TOKENS, do_sample=False))
+    greedy, greedy_ok = reference_greedy(lm, prompt, proposal.greedy if proposal is not None else None)
     bar.advance(1, "reference: greedy")
-    laps(f"reference: greedy {GREEDY_TOKENS} tokens")
+    laps(f"reference: greedy {GREEDY_TOKENS} tokens" +
+         (f" (proposal: {greedy_ok}/{GREEDY_TOKENS} accepted)" if proposal is not None else ""))
     if held_logits is None:  # sampled text brought its logits along
         held_logits = ref_logits(lm, held_ids)
     bar.advance(1, "reference: held-out logits")
@@ -401,6 +502,11 @@ def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = pri
                     table=lm.embed_tokens.weight.detach().numpy() if cfg.input_table else None)
 
 
+def gate_providers(provider: str) -> list[str]:
+    """ONNX Runtime's provider list for the gate's "cpu" or "cuda"."""
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+
+
 def run_gate(folder: Path, e: Expected, precision: str = "fp32", provider: str = "cpu",
              log: Callable[[str], None] = print, bar: Bar | None = None, laps: Laps | None = None) -> Report:
     """All SPEC 5 checks on the saved artifact in `folder` against the reference values `e` (from
@@ -408,7 +514,7 @@ def run_gate(folder: Path, e: Expected, precision: str = "fp32", provider: str =
     reference side started, continued here."""
     folder = Path(folder)
     cfg = e.cfg
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+    providers = gate_providers(provider)
     report = Report(precision, providers[0], laps=laps if laps is not None else Laps())
     exact = precision == "fp32"
     m = OrtLM(folder, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size, providers)
