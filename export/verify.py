@@ -4,7 +4,9 @@ Everything here feeds numpy arrays to an InferenceSession and compares them with
 model in float32 on the CPU. The ORT loop is deliberately minimal and local; the runtime package
 has the full one. Each check is a row of the report: what was measured, the bound, pass or fail.
 Over 400 lines because the gate is one list of checks over both graphs that must read as one;
-its two ORT drivers (pasts/presents and the shared-buffer kv graph) are the minimum to run them.
+its two ORT drivers (pasts/presents and the shared-buffer kv graph) are the minimum to run them,
+and the reference side (`expectations`: seeded inputs, held-out text, accepting or correcting the
+artifact's proposals from verify_draft.py) is the other half of every check.
 """
 from __future__ import annotations
 
@@ -51,8 +53,8 @@ class Laps:
     its phases; these rows (manifest: parity -> phases) say which phase took the time and which
     one set the build's peak memory."""
 
-    def __init__(self, rows: list[dict] | None = None):
-        self.rows: list[dict] = list(rows or [])
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
         self._t = time.perf_counter()
 
     def __call__(self, name: str) -> float:
@@ -355,7 +357,7 @@ def heldout_tokens(lm: TableFreeLM, folder: Path, log: Callable, proposal: np.nd
 
     Sampling is sequential: 63 steps of the whole model. A `proposal` (the same sampling run on the
     artifact) turns that into one forward pass: the reference computes its logits for the proposed
-    rows and draws each next token with the same uniform; where every draw agrees, the proposal is
+    rows and draws each next token with the same Gumbel noise; where every draw agrees, the proposal is
     exactly the reference's sample. From the first position where one does not, sampling goes on
     in the reference from the agreed prefix, as without a proposal."""
     ids = heldout_text(folder, lm.cfg.vocab_size, log)
