@@ -303,7 +303,10 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
                     laps("before the gate")
                     proposal = None
                     if precision in PROPOSING_PRECISIONS:  # before the reference loads: one model in memory
-                        proposal = propose(w.folder, cfg, gate_providers(vprov))
+                        try:
+                            proposal = propose(w.folder, cfg, gate_providers(vprov))
+                        except Exception as e:  # only a speed-up: the gate's own checks will say what is wrong
+                            log(f"  the artifact proposed no tokens ({type(e).__name__}); the reference decodes alone")
                         gc.collect()
                         laps("artifact proposes greedy and sampled tokens")
                     lm = load_reference(folder, key_map, overrides)
