@@ -305,29 +305,32 @@ def heldout_text(folder: Path, vocab_size: int, log: Callable[[str], None] = lam
     return None
 
 
-def held_first(vocab_size: int) -> np.ndarray:
-    """The first token of each sampled held-out row [HELD_ROWS] (seeded)."""
-    return np.random.default_rng(HELD_SEED).integers(0, vocab_size, HELD_ROWS)
+def held_plan(vocab_size: int) -> tuple[np.ndarray, torch.Tensor]:
+    """The randomness of the sampled held-out text, drawn in advance: the first token of each row
+    [HELD_ROWS] and, per later position, the Exp(1) noise [HELD_LEN - 1, HELD_ROWS, V] that
+    `torch.multinomial(probs, 1, generator)` draws from the same seeded generator (it samples as
+    argmax(probs / noise)). So the text is exactly what the gate always sampled, and it is a
+    function of the logits alone: whoever proposes it (export/verify_draft.py), the reference decides."""
+    g = torch.Generator().manual_seed(HELD_SEED)
+    first = torch.randint(0, vocab_size, (HELD_ROWS, 1), generator=g)[:, 0].numpy()
+    noise = torch.stack([torch.empty(HELD_ROWS, vocab_size).exponential_(1, generator=g) for _ in range(HELD_LEN - 1)])
+    return first, noise
 
 
-def held_noise(vocab_size: int, t: int) -> np.ndarray:
-    """Gumbel noise [HELD_ROWS, V] for drawing the token after position t of the sampled held-out text."""
-    return np.random.default_rng((HELD_SEED, t)).gumbel(size=(HELD_ROWS, vocab_size))
-
-
-def draw(logits: np.ndarray, gumbel: np.ndarray) -> np.ndarray:
-    """Sample one token per row of `logits` [B, V] at temperature 1: argmax(logits + Gumbel noise), an
-    exact draw from softmax(logits). Why this rule and not an inverse CDF: the noise is fixed in
-    advance, so the text is a function of the model's logits alone, and two models whose logits
-    differ by float32 rounding draw the same token unless the two best noisy scores are that close
-    (about 1e-5 of draws). An inverse CDF moves every one of the V boundaries with the rounding:
-    about 1% of draws differed at V 65,536 between ONNX Runtime and PyTorch on the same weights."""
-    return (logits.astype(np.float64) + gumbel).argmax(-1)
+def draw(logits: np.ndarray, noise: torch.Tensor) -> np.ndarray:
+    """One token per row of `logits` [B, V]: argmax(softmax(logits) / noise), noise ~ Exp(1), an exact
+    sample of softmax(logits) (the exponential race, i.e. Gumbel-max; torch.multinomial's own rule).
+    Why a race and not an inverse CDF with fixed uniforms: two models whose logits differ by float32
+    rounding then draw the same token unless the two best scores are that close; an inverse CDF
+    moves every one of the V boundaries with the rounding (2 of 252 draws differed at V 65,536
+    between ONNX Runtime and PyTorch on the same tiny model)."""
+    probs = torch.softmax(torch.from_numpy(np.ascontiguousarray(logits, np.float32)), -1)
+    return (probs / noise).argmax(-1).numpy().astype(np.int64)
 
 
 @torch.no_grad()
-def sample_from(lm: TableFreeLM, prefix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Continue the rows of `prefix` [HELD_ROWS, k] to HELD_LEN tokens, drawing with `held_noise` through the KV cache;
+def sample_from(lm: TableFreeLM, prefix: np.ndarray, noise: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Continue the rows of `prefix` [HELD_ROWS, k] to HELD_LEN tokens, drawing with `noise` (held_plan) through the KV cache;
     returns the ids [B, HELD_LEN] and the reference logits at every position [B, HELD_LEN, V]."""
     B = prefix.shape[0]
     logits, past = lm(torch.from_numpy(prefix.astype(np.int64)))
@@ -335,7 +338,7 @@ def sample_from(lm: TableFreeLM, prefix: np.ndarray) -> tuple[np.ndarray, np.nda
     ids = prefix.astype(np.int64)
     while ids.shape[1] < HELD_LEN:
         t = ids.shape[1]
-        nxt = draw(seen[-1][:, -1], held_noise(lm.cfg.vocab_size, t - 1))
+        nxt = draw(seen[-1][:, -1], noise[t - 1])
         ids = np.concatenate([ids, nxt[:, None]], axis=1)
         logits, past = lm(torch.from_numpy(nxt[:, None]), attention_mask=torch.ones(B, t + 1, dtype=torch.int64),
                           position_ids=torch.full((B, 1), t), past_key_values=past)
@@ -353,11 +356,11 @@ def heldout_tokens(lm: TableFreeLM, folder: Path, log: Callable, proposal: np.nd
                    ) -> tuple[np.ndarray, str, np.ndarray | None, int]:
     """(ids, source, logits, positions accepted from `proposal`): the tinyshakespeare tail
     (logits None: the caller computes them), else text sampled from the reference with
-    `held_first` and `held_noise`, with its reference logits [HELD_ROWS, HELD_LEN, V].
+    `held_plan`'s randomness, with its reference logits [HELD_ROWS, HELD_LEN, V].
 
     Sampling is sequential: 63 steps of the whole model. A `proposal` (the same sampling run on the
     artifact) turns that into one forward pass: the reference computes its logits for the proposed
-    rows and draws each next token with the same Gumbel noise; where every draw agrees, the proposal is
+    rows and draws each next token with the same noise; where every draw agrees, the proposal is
     exactly the reference's sample. From the first position where one does not, sampling goes on
     in the reference from the agreed prefix, as without a proposal."""
     ids = heldout_text(folder, lm.cfg.vocab_size, log)
@@ -365,16 +368,17 @@ def heldout_tokens(lm: TableFreeLM, folder: Path, log: Callable, proposal: np.nd
         return ids, "tinyshakespeare tail 10%", None, 0
     V = lm.cfg.vocab_size
     source = "sampled from the fp32 reference"
-    prefix = held_first(V)[:, None]
+    first, noise = held_plan(V)
+    prefix = first[:, None]
     if proposal is not None and proposal.shape == (HELD_ROWS, HELD_LEN) and np.array_equal(proposal[:, :1], prefix):
         logits = ref_logits(lm, proposal)
-        picks = np.stack([draw(logits[:, t], held_noise(V, t)) for t in range(HELD_LEN - 1)], axis=1)
+        picks = np.stack([draw(logits[:, t], noise[t]) for t in range(HELD_LEN - 1)], axis=1)
         k = first_disagreement(picks, proposal[:, 1:])
         if k is None:
             return proposal.astype(np.int64), source, logits, HELD_LEN
         del logits
         prefix = proposal[:, : k + 1]  # what the reference itself draws up to here
-    ids, logits = sample_from(lm, prefix)
+    ids, logits = sample_from(lm, prefix, noise)
     return ids, source, logits, prefix.shape[1] if proposal is not None else 0
 
 

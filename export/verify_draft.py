@@ -22,18 +22,19 @@ from reference.config import ModelConfig
 from runtime.interface import KV_MODEL_FILE
 
 from .floors import GREEDY_TOKENS
-from .verify import HELD_LEN, KvLM, OrtLM, Proposal, draw, gate_inputs, held_first, held_noise, heldout_text, positions
+from .verify import HELD_LEN, KvLM, OrtLM, Proposal, draw, gate_inputs, held_plan, heldout_text, positions
 
 PROPOSING_PRECISIONS = ("fp32", "fp16")
 
 
 def propose(folder: Path, cfg: ModelConfig, providers: list[str], seed: int = 0) -> Proposal:
     """The artifact's greedy continuation of the gate's prompt and, when the held-out text is to be
-    sampled, its sample with the same first tokens and Gumbel noise (`held_first`, `held_noise`): all rows in one batch, one step at a time."""
+    sampled, its sample with the same first tokens and noise (`held_plan`): all rows in one batch, one step at a time."""
     folder = Path(folder)
     prompt = gate_inputs(cfg.vocab_size, seed)[2]
     sample = heldout_text(folder, cfg.vocab_size) is None
-    rows = [prompt] + ([[int(t)] for t in held_first(cfg.vocab_size)] if sample else [])
+    first, noise = held_plan(cfg.vocab_size) if sample else (np.zeros(0, np.int64), None)
+    rows = [prompt] + [[int(t)] for t in first]
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     step = _Stepper(folder, cfg, providers, rows, max(GREEDY_TOKENS, HELD_LEN), pad)
     greedy, held = [], [list(r) for r in rows[1:]]
@@ -41,7 +42,7 @@ def propose(folder: Path, cfg: ModelConfig, providers: list[str], seed: int = 0)
     while len(greedy) < GREEDY_TOKENS or (held and len(held[0]) < HELD_LEN):
         nxt = last.argmax(-1)
         if held and len(held[0]) < HELD_LEN:
-            nxt[1:] = draw(last[1:], held_noise(cfg.vocab_size, len(held[0]) - 1))
+            nxt[1:] = draw(last[1:], noise[len(held[0]) - 1])
             for r, t in zip(held, nxt[1:]):
                 r.append(int(t))
         if len(greedy) < GREEDY_TOKENS:

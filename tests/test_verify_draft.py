@@ -64,13 +64,27 @@ def test_held_out_proposal_accepted_only_where_the_reference_agrees(lm, unaided,
     assert np.abs(logits - want_logits).max() <= 1e-5 * scale
 
 
-def test_draw_is_a_sample_of_softmax():
-    """Gumbel-max draws follow softmax(logits): 20,000 draws of a 4-way distribution, chi-square."""
-    from export.verify import draw
+def test_draw_is_torch_multinomial():
+    """The held-out text is what torch.multinomial draws from the same seeded generator (the text the
+    gate sampled before proposals existed), and draws follow softmax: 20,000 draws of a 4-way
+    distribution, chi-square."""
+    import torch
 
-    logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4]] * 20000))
-    counts = np.bincount(draw(logits, np.random.default_rng(5).gumbel(size=logits.shape)), minlength=4)
-    expected = 20000 * np.array([0.1, 0.2, 0.3, 0.4])
+    from export.verify import HELD_LEN, HELD_ROWS, HELD_SEED, draw, held_plan
+
+    V = 1000
+    first, noise = held_plan(V)
+    g = torch.Generator().manual_seed(HELD_SEED)
+    assert np.array_equal(torch.randint(0, V, (HELD_ROWS, 1), generator=g)[:, 0].numpy(), first)
+    logits = np.random.default_rng(2).normal(size=(HELD_LEN - 1, HELD_ROWS, V)).astype(np.float32) * 3
+    for t in range(HELD_LEN - 1):
+        want = torch.multinomial(torch.softmax(torch.from_numpy(logits[t]), -1), 1, generator=g)[:, 0].numpy()
+        assert np.array_equal(draw(logits[t], noise[t]), want)
+
+    p = np.array([[0.1, 0.2, 0.3, 0.4]] * 20000)
+    counts = np.bincount(draw(np.log(p), torch.empty(p.shape).exponential_(1, generator=torch.Generator().manual_seed(5))),
+                         minlength=4)
+    expected = 20000 * p[0]
     assert ((counts - expected) ** 2 / expected).sum() < 16.3  # chi-square, 3 dof, p = 0.001
 
 
