@@ -14,8 +14,6 @@ sampling differs wherever its distribution does), so its proposal would cost mor
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 from pathlib import Path
 
 import numpy as np
@@ -52,20 +50,7 @@ def propose(folder: Path, cfg: ModelConfig, providers: list[str], seed: int = 0)
         if len(greedy) < GREEDY_TOKENS or (held and len(held[0]) < HELD_LEN):
             last = step(nxt)
     del step  # the session's weights go before the reference loads
-    gc.collect()
-    trim_heap()
     return Proposal(greedy=greedy, held_ids=np.array(held, np.int64) if held else None)
-
-
-def trim_heap() -> None:
-    """Give freed heap pages back to the system (glibc malloc_trim; a no-op elsewhere). Why: the
-    session's weights are freed before the reference loads, but glibc keeps most of the freed heap
-    mapped, and the reference's tensors did not all land in it (full size: RSS 2.03 GB after the
-    session was freed, 2.60 GB with the reference loaded, the build's peak 3.21 GB)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class _Stepper:
