@@ -292,17 +292,30 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
             parity, verified, passed = {"skipped": "--no-verify"}, [], True
             if verify:
                 from .progress import Bar
-                from .verify import expectations, gate_units, run_gate
+                from .verify import Laps, expectations, gate_providers, gate_units, run_gate
+                from .verify_draft import PROPOSING_PRECISIONS, propose
 
                 bar = Bar("verify", gate_units(cfg, kv_graph=kv_info["file"] is not None),
                           enabled=progress and sys.stderr.isatty())
                 with stages("verify", heartbeat=not bar.enabled):
                     vprov = verify_providers(provider, log)
+                    laps = Laps()  # the gate's phases, with the peak memory so far (manifest: parity -> phases)
+                    laps("before the gate")
+                    proposal = None
+                    if precision in PROPOSING_PRECISIONS:  # before the reference loads: one model in memory
+                        try:
+                            proposal = propose(w.folder, cfg, gate_providers(vprov))
+                        except Exception as e:  # only a speed-up: the gate's own checks will say what is wrong
+                            log(f"  the artifact proposed no tokens ({type(e).__name__}); the reference decodes alone")
+                        gc.collect()
+                        laps("artifact proposes greedy and sampled tokens")
                     lm = load_reference(folder, key_map, overrides)
-                    expected = expectations(lm, w.folder, log, bar=bar)
+                    laps("reference: load")
+                    expected = expectations(lm, w.folder, log, bar=bar, laps=laps, proposal=proposal)
                     del lm  # the reference's weights go before ONNX Runtime loads the artifact's copy
                     gc.collect()
-                    report = run_gate(w.folder, expected, precision, vprov, log, bar=bar)
+                    laps("reference: freed")
+                    report = run_gate(w.folder, expected, precision, vprov, log, bar=bar, laps=laps)
                     bar.close()
                 log(report.table())
                 parity, passed = report.to_dict(), report.passed

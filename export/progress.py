@@ -16,6 +16,18 @@ from typing import TextIO
 WIDTH = 28
 
 
+def rss_bytes() -> tuple[int, int]:
+    """(resident, peak resident) bytes of this process from /proc/self/status (VmRSS, VmHWM);
+    (0, 0) where there is no /proc. Why: the gate records both at each of its phases, so a build's
+    peak memory can be traced to the phase that set it (benchmarks/export_bench.py prints them)."""
+    try:
+        with open("/proc/self/status") as f:
+            vals = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+        return int(vals["VmRSS"].split()[0]) * 1024, int(vals["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
 class Bar:
     """`bar.advance(n, what)` moves the bar; `bar.close()` clears the line. Silent when not on a TTY."""
 
