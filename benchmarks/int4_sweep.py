@@ -32,14 +32,20 @@ DEFAULT_SETTINGS = ["rtn-b32-asym", "rtn-b64-sym", "rtn-b64-asym", "rtn-b128-sym
                     "kquant-b64-asym", "kquant-b128-asym"]
 
 
-def parse_setting(name: str) -> tuple[str, int, bool]:
-    """'gptq-b128-sym' -> ('gptq', 128, True); every setting has an 8-bit head."""
-    q, b, sym = name.split("-")
+def parse_setting(name: str) -> tuple[str, int, bool, int]:
+    """'gptq-b128-sym' -> ('gptq', 128, True, 8): an 8-bit head (round to nearest) unless the name
+    ends in -h4 (the head at 4 bits by the same quantizer)."""
+    parts = name.split("-")
+    head = 4 if parts[-1] == "h4" else 8
+    parts = parts[:-1] if head == 4 else parts
+    if len(parts) != 3:
+        raise SystemExit(f"setting {name}: expected QUANTIZER-bBLOCK-sym|asym[-h4]")
+    q, b, sym = parts
     if q not in ("rtn", "gptq", "kquant") or not b.startswith("b") or sym not in ("sym", "asym"):
-        raise SystemExit(f"setting {name}: expected QUANTIZER-bBLOCK-sym|asym with QUANTIZER rtn, gptq or kquant")
-    if q == "kquant" and sym == "sym":
-        raise SystemExit(f"setting {name}: k-quant is asymmetric only (onnxruntime's k_quant writes zero points)")
-    return q, int(b[1:]), sym == "sym"
+        raise SystemExit(f"setting {name}: expected QUANTIZER-bBLOCK-sym|asym[-h4] with QUANTIZER rtn, gptq or kquant")
+    if q == "kquant" and (sym == "sym" or head == 4):
+        raise SystemExit(f"setting {name}: k-quant is asymmetric only (onnxruntime's k_quant writes zero points), 8-bit head")
+    return q, int(b[1:]), sym == "sym", head
 
 
 def kquant(src: Path, block: int):
@@ -76,8 +82,19 @@ def nbits_nodes(model) -> list[str]:
     return sorted(kinds)
 
 
-def decode_tok_s(folder: Path, cfg, steps: int = 48, prompt: int = 128) -> float:
-    """Median-free simple figure: `steps` greedy steps on model.kv.onnx after a `prompt`-token prompt."""
+def _busy() -> tuple[float, float, float]:
+    """(busy CPU-seconds of all CPUs, total CPU-seconds, this process's CPU-seconds)."""
+    import os
+
+    vals = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return (sum(vals) - vals[3] - vals[4]) / hz, sum(vals) / hz, t.user + t.system
+
+
+def decode_tok_s(folder: Path, cfg, steps: int = 48, prompt: int = 128) -> tuple[float, float]:
+    """(tok/s of `steps` greedy steps on model.kv.onnx after a `prompt`-token prompt, the CPU share
+    other processes took meanwhile: a figure with a share above a few % is not comparable)."""
     import onnxruntime as ort
 
     from export.verify import KvLM
@@ -92,10 +109,13 @@ def decode_tok_s(folder: Path, cfg, steps: int = 48, prompt: int = 128) -> float
     ids = np.random.default_rng(0).integers(0, min(cfg.vocab_size, 50000), (1, prompt))
     tok = int(kv.prefill(ids)[0, -1].argmax())
     tok = int(kv.step([tok])[0, -1].argmax())  # warm-up step
-    t0 = time.perf_counter()
+    b0, t0, own0 = _busy()
+    start = time.perf_counter()
     for _ in range(steps):
         tok = int(kv.step([tok])[0, -1].argmax())
-    return steps / (time.perf_counter() - t0)
+    rate = steps / (time.perf_counter() - start)
+    b1, t1, own1 = _busy()
+    return rate, round(max(0.0, (b1 - b0) - (own1 - own0)) / max(t1 - t0, 1e-9), 3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS)
     p.add_argument("--calibration", nargs=2, type=int, default=[16, 128], metavar=("SEQS", "TOKENS"))
     p.add_argument("--out", type=Path, default=RESULTS / "int4_sweep.json")
+    p.add_argument("--speed-rounds", type=int, default=0,
+                   help="after the quality rows, time every setting's decode this many more times, interleaved "
+                        "(the settings' folders are kept until then); the row gets the median")
     args = p.parse_args(argv)
     settings = [(s, *parse_setting(s)) for s in args.settings]
 
@@ -113,38 +136,38 @@ def main(argv: list[str] | None = None) -> int:
 
     from export.floors import floors_for
     from export.graph import load_reference
-    from export.verify import KvLM, OrtLM, heldout_tokens, positions, quality
+    from export.verify import KvLM, OrtLM, heldout_tokens, positions, quality, ref_logits
     from export.writer import save_onnx
     from graphs.gqa import kv_graph
-    from graphs.quantize import _head_nodes, _weight_matmuls, lift_node_names, quantize_nbits
+    from graphs.quantize import _weight_matmuls, lift_node_names, quantize_nbits
     from runtime.interface import KV_MODEL_FILE, MODEL_FILE
 
     args.work.mkdir(parents=True, exist_ok=True)
     ref_file = args.work / "reference.npz"
+    ref = dict(np.load(ref_file)) if ref_file.is_file() else {}
     lm = load_reference(args.ckpt, None, {})
     cfg = lm.cfg
-    if ref_file.is_file():
-        z = np.load(ref_file)
-        held_ids, held_logits = z["ids"], z["logits"]
-    else:  # the gate's held-out text and logits (export.verify.expectations does the same call)
+    if "ids" not in ref:  # the gate's held-out text and logits (export.verify.expectations makes the same call)
         t0 = time.perf_counter()
-        held_ids, source, held_logits = heldout_tokens(lm, args.fp32, 4, 64, log)
-        if held_logits is None:
-            from export.verify import ref_logits
-
-            held_logits = ref_logits(lm, held_ids)
-        np.savez(ref_file, ids=held_ids, logits=held_logits)
+        ref["ids"], source, ref["logits"] = heldout_tokens(lm, args.fp32, 4, 64, log)
+        if ref["logits"] is None:
+            ref["logits"] = ref_logits(lm, ref["ids"])
         log(f"sweep: reference held-out text ({source}) in {time.perf_counter() - t0:.0f} s")
+    if "rand_ids" not in ref:  # uniform random ids: text unlike the calibration's, a robustness column
+        ref["rand_ids"] = np.random.default_rng(99).integers(0, cfg.vocab_size, (4, 64))
+        ref["rand_logits"] = ref_logits(lm, ref["rand_ids"])
+    np.savez(ref_file, **ref)
+    held_ids, held_logits = ref["ids"], ref["logits"]
     del lm
     gc.collect()
     fl = floors_for("int4")
 
     hessians, calib = None, {}
-    if any(q == "gptq" for _, q, _, _ in settings):
+    if any(q == "gptq" for _, q, _, _, _ in settings):
         from graphs.gptq import calibration_hessians
 
         m = onnx.load(str(args.fp32 / MODEL_FILE), load_external_data=False)
-        skip = set(lift_node_names(m)) | set(_head_nodes(m))
+        skip = set(lift_node_names(m))  # the head's input too: the -h4 settings quantize it
         inputs = sorted({n.input[0] for n in _weight_matmuls(m, skip)})
         del m
         t0 = time.perf_counter()
@@ -153,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"sweep: calibration {calib}")
 
     rows = []
-    for name, q, block, sym in settings:
+    for name, q, block, sym, head in settings:
         log(f"sweep: {name}")
         folder = args.work / name
         shutil.rmtree(folder, ignore_errors=True)
@@ -162,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if q == "kquant":
             model, rep = kquant(args.fp32 / MODEL_FILE, block), {}
         else:
-            model, rep = quantize_nbits(args.fp32 / MODEL_FILE, bits=4, block_size=block, is_symmetric=sym, head_bits=8,
+            model, rep = quantize_nbits(args.fp32 / MODEL_FILE, bits=4, block_size=block, is_symmetric=sym, head_bits=head,
                                         quantizer=q, hessians=hessians, log=log)
         quant_s = time.perf_counter() - t0
         kernels = nbits_nodes(model)
@@ -175,29 +198,48 @@ def main(argv: list[str] | None = None) -> int:
         m = OrtLM(folder, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size, ["CPUExecutionProvider"])
         mask = np.ones_like(held_ids)
         qs = quality(held_logits, m(held_ids, mask, positions(mask))[0], held_ids)
+        qr = quality(ref["rand_logits"], m(ref["rand_ids"], mask, positions(mask))[0], ref["rand_ids"])
         del m
         kv = KvLM(folder, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_size, ["CPUExecutionProvider"],
                   held_ids.shape[1])
         qk = quality(held_logits, np.concatenate([kv.prefill(r[None]) for r in held_ids]), held_ids)
         del kv
         gc.collect()
-        tok_s = decode_tok_s(folder, cfg)
+        tok_s, others = decode_tok_s(folder, cfg)
         passed = all(x["top1"] >= fl["top1"] and x["kl"] <= fl["kl"] and x["ppl_ratio"] <= fl["ppl_ratio"]
                      for x in (qs, qk))
-        row = {"setting": name, "quantizer": q, "block": block, "symmetric": sym, "head_bits": 8,
+        row = {"setting": name, "quantizer": q, "block": block, "symmetric": sym, "head_bits": head,
                "top1": qs["top1"], "kl": qs["kl"], "ppl_ratio": qs["ppl_ratio"],
                "kv_top1": qk["top1"], "kv_kl": qk["kl"], "kv_ppl_ratio": qk["ppl_ratio"], "passes_floor": passed,
-               "decode_kv_tok_s": tok_s, "quantize_s": round(quant_s, 1), "kernels": kernels,
+               "random_ids_top1": qr["top1"], "random_ids_kl": qr["kl"],
+               "decode_kv_tok_s": tok_s, "decode_other_processes_cpu_fraction": others, "quantize_s": round(quant_s, 1), "kernels": kernels,
                "gptq_s": rep.get("gptq_s")}
         rows.append(row)
         log(f"sweep: {row}")
-        shutil.rmtree(folder, ignore_errors=True)
+        if not args.speed_rounds:
+            shutil.rmtree(folder, ignore_errors=True)
         write_json(args.out, {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "fp32": str(args.fp32),
                               "calibration": calib, "floors": fl, "threads": THREADS, "rows": rows,
                               "peak_rss_bytes": peak_rss_bytes()})
-    header = ["setting", "top-1", "KL", "ppl ratio", "kv top-1", "floor", "decode tok/s (kv)", "quantize s", "kernel"]
+    if args.speed_rounds:  # the same decode timing, interleaved over the settings: the host's drift hits all alike
+        import statistics
+
+        for r in range(args.speed_rounds):
+            for row in rows:
+                tok_s, others = decode_tok_s(args.work / row["setting"], cfg)
+                row.setdefault("decode_rounds", []).append({"tok_s": tok_s, "other_processes_cpu_fraction": others})
+                log(f"sweep: speed round {r + 1}: {row['setting']} {tok_s:.1f} tok/s (others {others:.0%})")
+        for row in rows:
+            row["decode_kv_tok_s"] = statistics.median(x["tok_s"] for x in row["decode_rounds"])
+            shutil.rmtree(args.work / row["setting"], ignore_errors=True)
+        write_json(args.out, {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "fp32": str(args.fp32),
+                              "calibration": calib, "floors": fl, "threads": THREADS, "rows": rows,
+                              "peak_rss_bytes": peak_rss_bytes()})
+    header = ["setting", "top-1", "KL", "ppl ratio", "kv top-1", "floor", "random ids top-1 / KL", "decode tok/s (kv)",
+              "quantize s", "kernel"]
     print(markdown_table(header, [[r["setting"], f"{r['top1']:.3f}", f"{r['kl']:.3f}", f"{r['ppl_ratio']:.3f}",
                                    f"{r['kv_top1']:.3f}", "pass" if r["passes_floor"] else "FAIL",
+                                   f"{r['random_ids_top1']:.3f} / {r['random_ids_kl']:.3f}",
                                    f"{r['decode_kv_tok_s']:.1f}", r["quantize_s"], "; ".join(r["kernels"])]
                                   for r in rows]))
     print(f"calibration: {calib}; wrote {args.out}")

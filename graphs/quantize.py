@@ -205,7 +205,7 @@ def quantize_nbits(src: str | Path, bits: int = 4, block_size: int = 32, accurac
     exclude = lift_node_names(model)
     head = _head_nodes(model) if head_bits not in (None, bits) else []
     report: dict = {"quantizer": quantizer}
-    hessians = dict(hessians) if (hessians and quantizer == "gptq") else {}
+    hessians = hessians if (hessians and quantizer == "gptq") else {}
     if quantizer == "gptq" and not hessians:
         from .gptq import calibration_hessians
 
@@ -217,7 +217,8 @@ def quantize_nbits(src: str | Path, bits: int = 4, block_size: int = 32, accurac
         hessians, seen = calibration_hessians(src, inputs, *calibration, log=log)
         report.update(calibration_tokens=seen, calibration_s=round(time.perf_counter() - t0, 1))
     onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
-    packed = _gptq_weights(model, hessians, block_size, is_symmetric, log, report) if hessians else {}
+    skip = set(exclude) | set(head)
+    packed = _gptq_weights(model, hessians, skip, block_size, is_symmetric, log, report) if hessians else {}
     del hessians
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=is_symmetric,
                              accuracy_level=accuracy_level, nodes_to_exclude=exclude + head,
@@ -245,9 +246,10 @@ def _weight_matmuls(model: onnx.ModelProto, skip: set[str]) -> list[onnx.NodePro
             and len(inits[n.input[1]].dims) == 2 and n.name not in skip]
 
 
-def _gptq_weights(model: onnx.ModelProto, hessians: dict, block: int, symmetric: bool,
+def _gptq_weights(model: onnx.ModelProto, hessians: dict, skip: set[str], block: int, symmetric: bool,
                   log: Callable[[str], None], report: dict) -> dict[str, tuple]:
-    """GPTQ of every MatMul weight whose input has a Hessian: {weight name: packed (B, scales, zero points)}.
+    """GPTQ of every MatMul weight (nodes in `skip` aside) whose input has a Hessian: {weight name:
+    packed (B, scales, zero points)}.
     MatMuls sharing an input (q, k, v) are solved as one wider matrix: GPTQ treats output columns
     independently, so this is the same result in one pass."""
     import numpy as np
@@ -257,7 +259,7 @@ def _gptq_weights(model: onnx.ModelProto, hessians: dict, block: int, symmetric:
 
     inits = {t.name: t for t in model.graph.initializer}
     groups: dict[str, list[str]] = {}
-    for n in _weight_matmuls(model, set()):
+    for n in _weight_matmuls(model, skip):
         if n.input[0] in hessians and n.input[1] not in groups.get(n.input[0], []):
             groups.setdefault(n.input[0], []).append(n.input[1])
     out: dict[str, tuple] = {}
@@ -265,7 +267,7 @@ def _gptq_weights(model: onnx.ModelProto, hessians: dict, block: int, symmetric:
     for k, (inp, names) in enumerate(groups.items()):
         ws = [numpy_helper.to_array(inits[w]).astype(np.float32) for w in names]
         W = np.concatenate(ws, 1)
-        H = hessians.pop(inp)
+        H = hessians[inp]
         K = W.shape[0]
         pad = -K % block  # ORT pads K to whole blocks with zero rows; so does GPTQ here (dead inputs)
         if pad:
