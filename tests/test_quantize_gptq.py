@@ -116,7 +116,9 @@ def test_int4_demo_build_with_gptq_passes_gate(tmp_path):
     q = manifest["quantization"]
     assert q["quantizer"] == INT4_QUANTIZER == "gptq" and q["calibration_tokens"] == 16 * 128
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    assert not [n.name for n in m.graph.node if n.op_type == "MatMul" and "/lift/" not in n.name]
+    weights = {t.name for t in m.graph.initializer}
+    assert not [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in weights
+                and "/lift/" not in n.name]  # every constant-weight MatMul but the lift's became MatMulNBits
     nodes = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
     attrs = {n.name: {a.name: a.i for a in n.attribute} for n in nodes}
     body = [a for name, a in attrs.items() if "lm_head" not in name]
@@ -126,3 +128,14 @@ def test_int4_demo_build_with_gptq_passes_gate(tmp_path):
     assert all(a["bits"] == 4 for a in body) and all(a["bits"] == setting["head_bits"] for a in head)
     assert all(a["accuracy_level"] == 4 and a["block_size"] == setting["block_size"] for a in attrs.values())
     assert all((len(n.input) > 3 and n.input[3] != "") != setting["is_symmetric"] for n in nodes)  # zero points iff asym
+
+
+def test_quantizer_flag_is_refused_before_any_work(tmp_path):
+    """--quantizer applies to int4 only, and an unknown one is named: both refused by the cheap checks."""
+    from export.build import build
+    from export.errors import ExportError
+
+    with pytest.raises(ExportError, match="--quantizer gptq applies to --precision int4 only"):
+        build("no-such-model", tmp_path / "a", precision="int8", quantizer="gptq", log=lambda m: None)
+    with pytest.raises(ExportError, match="--quantizer awq: unknown; choose one of rtn, gptq"):
+        build("no-such-model", tmp_path / "b", precision="int4", quantizer="awq", log=lambda m: None)
