@@ -14,6 +14,7 @@ GPTQ), and GPTQ block 256 symmetric with a 4-bit head (the default now); accurac
   demo, trained (models/shakespeare)     fp16             1.000  5.9e-07  1.000
   demo, trained                          int8             0.956  1.5e-03  1.00
   demo, trained                          int4 rtn         0.829  5.3e-02  1.06
+  demo, trained (sampled held-out text)  int4 gptq        0.786  6.8e-02  1.09
   full size 0.47B, random weights        int8             0.976  2.4e-03  1.010
   full size 0.47B, random weights        int4 rtn         0.758  1.8e-01  1.149
   full size 0.47B, random weights        int4 gptq        0.873  6.2e-02  1.103
