@@ -174,8 +174,9 @@ def calibration_hessians(src: str | Path, inputs: list[str], n_seq: int = 16, se
     names = {i.name for i in sess.get_inputs()}
     pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values")]
     presents = [o.name for o in sess.get_outputs() if o.name.startswith("present")]
-    V = sess.get_outputs()[0].shape[-1]
-    V = V if isinstance(V, int) else None
+    V = next(o.shape[-1] for o in sess.get_outputs() if o.name == LOGITS)
+    if not isinstance(V, int):
+        raise ValueError(f"{src}: the logits' vocabulary dimension is not static ({V}); calibration samples from it")
     H = {n: None for n in inputs}
     seen = 0
 
@@ -202,8 +203,7 @@ def calibration_hessians(src: str | Path, inputs: list[str], n_seq: int = 16, se
         return (c < rng.random((len(p), 1)) * c[:, -1:]).sum(-1).clip(0, p.shape[-1] - 1)[:, None].astype(np.int64)
 
     t0 = time.perf_counter()
-    vocab = V or 256
-    ids = rng.integers(0, vocab, (n_seq, 1)).astype(np.int64)
+    ids = rng.integers(0, V, (n_seq, 1)).astype(np.int64)
     batch_acts: list[list[np.ndarray]] = []
     if pasts:  # one token a step through the cache; the activations of each step are the new token's
         hs = pasts[0].shape[-1]
