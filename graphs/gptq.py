@@ -5,9 +5,10 @@ Why our own and not ORT's `GPTQWeightOnlyQuantConfig` (the vendored Intel Neural
 distinct MatMul input (128 full-model passes for the 0.47B model), keeps float64 Hessians, and
 after GPTQ's fake quantization re-quantizes the result with min/max per block (`quant_tensor`),
 which need not land on the grid GPTQ chose (a block's later rows move after its scale is fixed).
-Here the Hessians of every MatMul input come from one sampling pass, GPTQ returns the integer
-levels, scales and zero points it used, and `pack_nbits` writes exactly those, so the session
-runs the same MatMulNBits kernel as round-to-nearest at the same block size and symmetry.
+Here the Hessians of every MatMul input come from text sampled once from the fp32 graph and one
+prompt pass over it; GPTQ returns the integer levels, scales and zero points it used, and
+`pack_nbits` writes exactly those, so the session runs the same MatMulNBits kernel as
+round-to-nearest at the same block size and symmetry.
 
 The grid is ORT's (MLAS) round-to-nearest grid, computed from the block's current weights when
 GPTQ reaches the block's first row: asymmetric scale = (max(0, hi) - min(0, lo)) / 15 with an
@@ -177,13 +178,7 @@ def calibration_hessians(src: str | Path, inputs: list[str], n_seq: int = 16, se
     V = next(o.shape[-1] for o in sess.get_outputs() if o.name == LOGITS)
     if not isinstance(V, int):
         raise ValueError(f"{src}: the logits' vocabulary dimension is not static ({V}); calibration samples from it")
-    H = {n: None for n in inputs}
-    seen = 0
-
-    def accumulate(acts: list[np.ndarray]) -> None:
-        for n, a in zip(inputs, acts):
-            x = a.reshape(-1, a.shape[-1]).astype(np.float32)
-            H[n] = x.T @ x if H[n] is None else H[n] + x.T @ x
+    H: dict[str, np.ndarray | None] = {n: None for n in inputs}
 
     def feed(ids, start, past=None):
         f = {INPUT_IDS: ids}
@@ -203,32 +198,34 @@ def calibration_hessians(src: str | Path, inputs: list[str], n_seq: int = 16, se
         return (c < rng.random((len(p), 1)) * c[:, -1:]).sum(-1).clip(0, p.shape[-1] - 1)[:, None].astype(np.int64)
 
     t0 = time.perf_counter()
-    ids = rng.integers(0, V, (n_seq, 1)).astype(np.int64)
-    batch_acts: list[list[np.ndarray]] = []
-    if pasts:  # one token a step through the cache; the activations of each step are the new token's
-        hs = pasts[0].shape[-1]
-        heads = pasts[0].shape[1]
+    seq = rng.integers(0, V, (n_seq, 1)).astype(np.int64)
+    if pasts:  # sample one token a step through the cache, asking for the logits and cache only
+        hs, heads = pasts[0].shape[-1], pasts[0].shape[1]
         past = [np.zeros((n_seq, heads, 0, hs), np.float32) for _ in pasts]
-        for t in range(seq_len):
-            out = sess.run([LOGITS, *presents, *inputs], feed(ids, t, past))
-            past = out[1:1 + len(presents)]
-            batch_acts.append(out[1 + len(presents):])
-            if len(batch_acts) == 8 or t == seq_len - 1:
-                accumulate([np.concatenate(a, 1) for a in zip(*batch_acts)])
-                batch_acts = []
-            seen += n_seq
-            if t < seq_len - 1:
-                ids = sample(out[0][:, -1])
-            if (t + 1) % 32 == 0 or t == seq_len - 1:
-                log(f"  calibration: {t + 1}/{seq_len} steps x {n_seq} sequences ({time.perf_counter() - t0:.0f} s)")
-    else:  # a graph without a cache input: sample with full forwards, then one pass for the activations
-        seq = ids
+        for t in range(seq_len - 1):
+            out = sess.run([LOGITS, *presents], feed(seq[:, -1:], t, past))
+            past = out[1:]
+            seq = np.concatenate([seq, sample(out[0][:, -1])], 1)
+            if (t + 2) % 32 == 0:
+                log(f"  calibration: sampled {t + 2}/{seq_len} tokens x {n_seq} sequences ({time.perf_counter() - t0:.0f} s)")
+        del past, out
+    else:  # a graph without a cache input: each token from a full forward
         for t in range(seq_len - 1):
             logits = sess.run([LOGITS], feed(seq, 0))[0]
             seq = np.concatenate([seq, sample(logits[:, -1])], 1)
-        accumulate(sess.run(inputs, feed(seq, 0)))
-        seen = n_seq * seq_len
-        log(f"  calibration: {seq_len} tokens x {n_seq} sequences ({time.perf_counter() - t0:.0f} s)")
+    # then the activations, two sequences at a time as one prompt each: the sampling's cache is gone
+    # before the Hessians exist (and a prompt pass is faster than collecting them step by step)
+    empty = [np.zeros((2, heads, 0, hs), np.float32) for _ in pasts] if pasts else None
+    for i in range(0, n_seq, 2):
+        rows = seq[i:i + 2]
+        acts = sess.run(inputs, feed(rows, 0, None if empty is None else [e[:len(rows)] for e in empty]))
+        for n, a in zip(inputs, acts):
+            x = a.reshape(-1, a.shape[-1]).astype(np.float32)
+            H[n] = x.T @ x if H[n] is None else H[n] + x.T @ x
+        del acts
+    seen = int(seq.size)
+    log(f"  calibration: {seq_len} tokens x {n_seq} sequences, Hessians of {len(inputs)} inputs "
+        f"({time.perf_counter() - t0:.0f} s)")
     del sess
     return H, seen
 
