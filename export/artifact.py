@@ -183,7 +183,7 @@ def producer_versions() -> dict[str, str]:
 
 def write_manifest(w: ArtifactWriter, *, cfg: ModelConfig, source_info: dict, source: Path, lift_mode: str,
                    precision: str, opset: int, providers_verified: list[str], parity: dict | None,
-                   stages: dict[str, float], kv_graph: dict | None = None) -> dict:
+                   stages: dict[str, float], kv_graph: dict | None = None, quantization: dict | None = None) -> dict:
     """manifest.json (SPEC 3): where the artifact came from, how it was made, the gate's report;
     the writer adds the sha256 table of every file."""
     manifest = {
@@ -202,4 +202,6 @@ def write_manifest(w: ArtifactWriter, *, cfg: ModelConfig, source_info: dict, so
         "parity": parity,
         "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
     }
+    if quantization is not None:  # how int8 / int4 weights were made (export.build.convert_precision)
+        manifest["quantization"] = quantization
     return w.write_manifest(manifest)

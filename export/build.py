@@ -27,6 +27,15 @@ from .writer import ArtifactWriter, disk_full_error
 PROVIDERS = ("cpu", "cuda")
 OPSET_RANGE = (18, 23)  # LayerNormalization needs >= 17; onnxruntime 1.31 runs up to 23
 INT_BLOCK_SIZE = 128  # MatMulNBits block for int8 (accuracy level 4: int8 compute)
+# int4, per --quantizer: the fastest setting that meets the int4 floors on the full model
+# (benchmarks/RESULTS.md, "int4 quality on the full model"; benchmarks/int4_sweep.py measures them).
+# gptq, block 256 symmetric, head 4-bit too: top-1 0.873 / KL 0.062 / ppl x1.10, 97.8 tok/s decode;
+# rtn needs block 32 asymmetric and an 8-bit head to pass (0.758 / 0.176 / x1.149, 77.6 tok/s);
+# round to nearest at block 128 symmetric fails (0.675 / 0.314 / x1.33).
+INT4_QUANTIZER = "gptq"  # the default: calibrated (graphs/gptq.py)
+INT4_SETTINGS = {"gptq": {"block_size": 256, "is_symmetric": True, "head_bits": 4},
+                 "rtn": {"block_size": 32, "is_symmetric": False, "head_bits": 8}}
+INT4_CALIBRATION = (16, 128)  # GPTQ: sequences x tokens sampled from the fp32 graph (78 s at full size)
 
 
 class Terminated(KeyboardInterrupt):
@@ -74,9 +83,15 @@ def check_out_vs_model(out: Path, model_dir: Path) -> None:
 
 def check_arguments(out: Path, lift_mode: str, precision: str, provider: str, opset: int, force: bool,
                     trust_remote_code: bool, overrides: dict, kv_graph: bool = True,
-                    model_dir: Path | None = None) -> None:
+                    model_dir: Path | None = None, quantizer: str | None = None) -> None:
     """Everything that can be refused without reading a weight."""
     from graphs.lift import EXPORT_MODES
+    from graphs.quantize import QUANTIZERS
+
+    if quantizer is not None and quantizer not in QUANTIZERS:
+        raise ExportError(f"--quantizer {quantizer}: unknown; choose one of {', '.join(QUANTIZERS)}")
+    if quantizer is not None and precision != "int4":
+        raise ExportError(f"--quantizer {quantizer} applies to --precision int4 only (asked for {precision}); drop it")
 
     if lift_mode not in EXPORT_MODES:
         raise ExportError(f"--code {lift_mode}: unknown lift mode; choose one of {', '.join(EXPORT_MODES)}")
@@ -162,25 +177,44 @@ def note_folder_code(folder: Path, log: Callable[[str], None]) -> None:
             "Pass --trust-remote-code to check the reference against it")
 
 
-def convert_precision(src: Path, w: ArtifactWriter, precision: str) -> None:
-    """fp32 graph (the trace's work folder) -> model.onnx + model.onnx.data of the requested precision."""
+def convert_precision(src: Path, w: ArtifactWriter, precision: str, quantizer: str | None = None,
+                      log: Callable[[str], None] = print, max_len: int = INT4_CALIBRATION[1]) -> dict | None:
+    """fp32 graph (the trace's work folder) -> model.onnx + model.onnx.data of the requested precision;
+    returns the quantizer's report for the manifest (None for fp32 / fp16). `max_len`: the model's
+    longest sequence (GPTQ's calibration sequences are no longer)."""
     if precision == "fp32":
         w.adopt(MODEL_FILE, src)
         w.adopt(DATA_FILE, src.parent / DATA_FILE)
-        return
+        return None
     from graphs import quantize
 
+    report = None
     if precision == "fp16":
         model, _ = quantize.to_fp16(src)
     elif precision == "int8":
         # weight-only 8-bit MatMulNBits, block 128, int8 compute: 52 tok/s decode on the full model
         # against 45 for MatMulInteger with activations quantized per call (benchmarks/RESULTS.md)
-        model, _ = quantize.quantize_nbits(src, bits=8, block_size=INT_BLOCK_SIZE)
+        model, report = quantize.quantize_nbits(src, bits=8, block_size=INT_BLOCK_SIZE)
     else:
-        # block 32, asymmetric, 8-bit head: the fastest setting that meets the int4 floors on the full
-        # model (block 128 symmetric: 86 tok/s but top-1 0.63 / KL 0.37 / ppl x1.48; benchmarks/RESULTS.md)
-        model, _ = quantize.quantize_nbits(src, bits=4, block_size=32, is_symmetric=False, head_bits=8)
+        quantizer = quantizer or INT4_QUANTIZER
+        calibration = (INT4_CALIBRATION[0], min(INT4_CALIBRATION[1], max_len))
+        model, report = quantize.quantize_nbits(src, bits=4, quantizer=quantizer, calibration=calibration, log=log,
+                                                **INT4_SETTINGS[quantizer])
     w.save_model(MODEL_FILE, model, DATA_FILE)
+    if report is not None:
+        report = {k: v for k, v in report.items() if k != "excluded_nodes"}
+        report["peak_rss_bytes"] = _peak_rss()
+        log(f"  {precision}: {report.get('quantizer', 'rtn')}, block {report['block_size']}, "
+            f"{'symmetric' if report['is_symmetric'] else 'asymmetric'}, head {report['head_bits']}-bit; "
+            f"peak RSS so far {report['peak_rss_bytes'] / 1e9:.2f} GB")
+    return report
+
+
+def _peak_rss() -> int:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def write_kv(w: ArtifactWriter) -> dict:
@@ -223,13 +257,14 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
           verify: bool = True, key_map: str | os.PathLike | dict | None = None, trust_remote_code: bool = False,
           log: Callable[[str], None] = print, *, bit_order: str | None = None, values: str | None = None,
           tiling: str | None = None, scale: float | None = None, progress: bool = False, kv_graph: bool = True,
-          _lift_code=None) -> Path:
+          quantizer: str | None = None, _lift_code=None) -> Path:
     """Export `model` to a verified artifact folder and return its path; raises ExportError.
 
     `lift_mode` is how the graph computes the lift (LIFT_MODES; the CLI's --code).
     `progress` draws a bar on stderr for the parity gate when stderr is a terminal (the CLI sets it).
     `kv_graph` adds model.kv.onnx, the shared-cache decoder graph (checked by the same gate); when
     it cannot be built the build fails unless `kv_graph=False`.
+    `quantizer` (int4 only): "gptq" (the default, INT4_QUANTIZER) or "rtn".
     """
     from .hub import resolve_source
 
@@ -240,12 +275,12 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
     model_dir = local if local is not None and local.is_dir() else None
     if out is not None:  # refuse a bad --out before touching the network or any weight
         check_arguments(Path(out), lift_mode, precision, provider, opset, force, trust_remote_code, overrides,
-                        kv_graph, model_dir)
+                        kv_graph, model_dir, quantizer)
     with stages("load"):
         folder, source_info = resolve_source(model, with_code=trust_remote_code)
         out = Path(out) if out is not None else default_out(folder.name, lift_mode, precision)
         check_arguments(out, lift_mode, precision, provider, opset, force, trust_remote_code, overrides,
-                        kv_graph, folder)
+                        kv_graph, folder, quantizer)
         if trust_remote_code:
             say_remote_files(folder, log)
         key_map = read_key_map(key_map)
@@ -277,7 +312,7 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
         with exit_signals_raise(), ArtifactWriter(out) as w:
             fp32 = export_isolated(folder, key_map, overrides, w.work, lift_mode, opset, stages, lift_code=_lift_code)
             with stages("precision"):
-                convert_precision(fp32, w, precision)
+                quant_info = convert_precision(fp32, w, precision, quantizer, log, cfg.max_position_embeddings)
             with stages("files"):
                 from . import artifact
 
@@ -323,7 +358,7 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
             with stages("manifest"):
                 artifact.write_manifest(w, cfg=cfg, source_info=source_info, source=folder, lift_mode=lift_mode,
                                         precision=precision, opset=opset, providers_verified=verified, parity=parity,
-                                        stages=stages.seconds, kv_graph=kv_info)
+                                        stages=stages.seconds, kv_graph=kv_info, quantization=quant_info)
             if not passed:
                 failed = w.keep_failed()
                 bad = ", ".join(c["name"] for c in parity["checks"] if c["required"] and not c["passed"])

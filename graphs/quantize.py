@@ -10,6 +10,8 @@ returns (model with its weights in memory, a report); the caller writes it (expo
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -173,21 +175,51 @@ def _head_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in head_matmuls(model.graph)]
 
 
+QUANTIZERS = ("rtn", "gptq")
+
+
 def quantize_nbits(src: str | Path, bits: int = 4, block_size: int = 32, accuracy_level: int = 4,
-                   is_symmetric: bool = True, head_bits: int | None = None) -> tuple[onnx.ModelProto, dict]:
+                   is_symmetric: bool = True, head_bits: int | None = None, quantizer: str = "rtn",
+                   calibration: tuple[int, int] = (16, 128), log: Callable[[str], None] = lambda m: None,
+                   hessians: dict | None = None) -> tuple[onnx.ModelProto, dict]:
     """Weight-only block-wise MatMulNBits (bits 4 or 8) for every MatMul with a constant weight, lm_head included.
 
     accuracy_level 4 computes with int8 activations (fastest on CPU); 0/1 dequantize to fp32.
     head_bits: the vocabulary head at another width (int4 body + 8-bit head: the head's error
     lands straight in the logits, and it is 14% of the weights).
+    quantizer: "rtn" rounds each block to nearest; "gptq" (4-bit only) chooses the levels of the
+    body's MatMuls against `calibration` = (sequences, tokens) sampled from this fp32 graph
+    (graphs/gptq.py); the head stays round-to-nearest. Both write the same MatMulNBits nodes (ORT's
+    quantizer makes them; GPTQ only replaces the packed weights, scales and zero points), so the
+    session runs the same kernel. `hessians` ({MatMul input: X^T X}, from
+    graphs.gptq.calibration_hessians) skips the calibration: a sweep computes them once.
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer {quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
+    if quantizer == "gptq" and bits != 4:
+        raise ValueError(f"quantizer gptq writes 4-bit weights only (asked for {bits}); use rtn")
     src = Path(src)
     model = _load_light(src)
     exclude = lift_node_names(model)
     head = _head_nodes(model) if head_bits not in (None, bits) else []
+    report: dict = {"quantizer": quantizer}
+    hessians = hessians if (hessians and quantizer == "gptq") else {}
+    if quantizer == "gptq" and not hessians:
+        from .gptq import calibration_hessians
+
+        targets = _weight_matmuls(model, set(exclude) | set(head))
+        inputs = sorted({n.input[0] for n in targets})
+        t0 = time.perf_counter()
+        log(f"  gptq: calibrating {len(targets)} MatMuls ({len(inputs)} inputs) on {calibration[0]} x "
+            f"{calibration[1]} tokens sampled from the fp32 graph")
+        hessians, seen = calibration_hessians(src, inputs, *calibration, log=log)
+        report.update(calibration_tokens=seen, calibration_s=round(time.perf_counter() - t0, 1))
     onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
+    skip = set(exclude) | set(head)
+    packed = _gptq_weights(model, hessians, skip, block_size, is_symmetric, log, report) if hessians else {}
+    del hessians
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=is_symmetric,
                              accuracy_level=accuracy_level, nodes_to_exclude=exclude + head,
                              op_types_to_quantize=("MatMul",))
@@ -199,10 +231,83 @@ def quantize_nbits(src: str | Path, bits: int = 4, block_size: int = 32, accurac
                                  op_types_to_quantize=("MatMul",))
         q.process()
         out = q.model.model
+    if packed:
+        _replace_packed(out, packed)
     out.graph.ClearField("value_info")  # stale fp32 shapes of replaced nodes confuse later passes
-    return out, {"precision": f"int{bits}", "method": "MatMulNBits", "bits": bits, "head_bits": head_bits or bits,
-            "block_size": block_size, "accuracy_level": accuracy_level, "is_symmetric": is_symmetric,
-            "excluded_nodes": exclude}
+    report.update({"precision": f"int{bits}", "method": "MatMulNBits", "bits": bits, "head_bits": head_bits or bits,
+                   "block_size": block_size, "accuracy_level": accuracy_level, "is_symmetric": is_symmetric,
+                   "excluded_nodes": exclude})
+    return out, report
 
 
-__all__ = ["lift_node_names", "residual_adds", "to_fp16", "quantize_nbits", "FP32_OPS"]
+def _weight_matmuls(model: onnx.ModelProto, skip: set[str]) -> list[onnx.NodeProto]:
+    inits = {t.name: t for t in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+            and len(inits[n.input[1]].dims) == 2 and n.name not in skip]
+
+
+def _gptq_weights(model: onnx.ModelProto, hessians: dict, skip: set[str], block: int, symmetric: bool,
+                  log: Callable[[str], None], report: dict) -> dict[str, tuple]:
+    """GPTQ of every MatMul weight (nodes in `skip` aside) whose input has a Hessian: {weight name:
+    packed (B, scales, zero points)}.
+    MatMuls sharing an input (q, k, v) are solved as one wider matrix: GPTQ treats output columns
+    independently, so this is the same result in one pass."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from .gptq import gptq, pack_nbits
+
+    inits = {t.name: t for t in model.graph.initializer}
+    groups: dict[str, list[str]] = {}
+    for n in _weight_matmuls(model, skip):
+        if n.input[0] in hessians and n.input[1] not in groups.get(n.input[0], []):
+            groups.setdefault(n.input[0], []).append(n.input[1])
+    out: dict[str, tuple] = {}
+    t0 = time.perf_counter()
+    for k, (inp, names) in enumerate(groups.items()):
+        ws = [numpy_helper.to_array(inits[w]).astype(np.float32) for w in names]
+        W = np.concatenate(ws, 1)
+        H = hessians[inp]
+        K = W.shape[0]
+        pad = -K % block  # ORT pads K to whole blocks with zero rows; so does GPTQ here (dead inputs)
+        if pad:
+            W = np.pad(W, ((0, pad), (0, 0)))
+            H = np.pad(H, ((0, pad), (0, pad)))
+        q, s, z = gptq(W, H, block, symmetric, lazy=max(128, block))
+        col = 0
+        for w, a in zip(names, ws):
+            sl = slice(col, col + a.shape[1])
+            out[w] = pack_nbits(q[:, sl], s[:, sl], z[:, sl], block)
+            col += a.shape[1]
+        if (k + 1) % 16 == 0 or k == len(groups) - 1:
+            log(f"  gptq: {k + 1}/{len(groups)} inputs solved ({time.perf_counter() - t0:.0f} s)")
+    report["gptq_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def _replace_packed(model: onnx.ModelProto, packed: dict[str, tuple]) -> None:
+    """Put GPTQ's packed weights into the MatMulNBits nodes ORT's quantizer made for the same
+    weights (inputs `<w>_Q4`, `<w>_scales`, `<w>_zero_points`), checking shapes and dtypes match."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    done = set()
+    for n in model.graph.node:
+        if n.op_type != "MatMulNBits" or not n.input[1].endswith("_Q4"):
+            continue
+        w = n.input[1][: -len("_Q4")]
+        if w not in packed:
+            continue
+        for name, arr in zip(n.input[1:4], packed[w]):
+            old = inits[name]
+            ref = numpy_helper.to_array(old)
+            if ref.shape != arr.shape or ref.dtype != arr.dtype:
+                raise ValueError(f"{name}: GPTQ packed {arr.dtype}{arr.shape}, ORT's node expects {ref.dtype}{ref.shape}")
+            old.CopyFrom(numpy_helper.from_array(arr, name))
+        done.add(w)
+    missing = sorted(set(packed) - done)
+    if missing:
+        raise ValueError(f"GPTQ weights with no MatMulNBits node to go into: {', '.join(missing[:3])}")
+
+
+__all__ = ["lift_node_names", "residual_adds", "to_fp16", "quantize_nbits", "FP32_OPS", "QUANTIZERS"]
