@@ -73,6 +73,25 @@ def _chat_template_file(source: Path, root: Path) -> str | None:
     return None
 
 
+def check_tokenizer_files(source: Path) -> None:
+    """Read what copy_tokenizer will read (tokenizer_config.json, a chat template file), so a broken
+    one is refused before the long stages, not after them."""
+    root = source.resolve()
+    path = source / TOKENIZER_CONFIG_FILE
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        real = None
+    if real is not None and real.is_file() and real.is_relative_to(root):
+        try:
+            tc = json.loads(real.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ExportError(f"{path} is not valid JSON ({e}); fix or remove it and export again") from None
+        if not isinstance(tc, dict):
+            raise ExportError(f"{path} must hold a JSON object; fix or remove it and export again")
+    _chat_template_file(source, root)
+
+
 def copy_tokenizer(w: ArtifactWriter, source: Path, vocab_size: int | None = None) -> list[str]:
     """The checkpoint's tokenizer files, each only if it resolves inside the checkpoint folder;
     tokenizer_config.json gains `model_input_names` (written even when the checkpoint had none);

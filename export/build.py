@@ -285,6 +285,9 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
             say_remote_files(folder, log)
         key_map = read_key_map(key_map)
         lm = load_reference(folder, key_map, overrides)  # validates everything before the long stages
+        from .artifact import check_tokenizer_files
+
+        check_tokenizer_files(folder)  # a broken tokenizer_config.json or chat template, now rather than after the gate
         lift_mode, table_out = table_mode(lm.cfg, lift_mode, out, folder, precision, log)
         if table_out != out:
             out = table_out

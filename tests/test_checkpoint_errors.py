@@ -287,3 +287,24 @@ def test_hub_cache_layout_links_into_blobs_are_inside(small_ckpt, tmp_path):
     os.symlink(outside_file(repo), snap / "tokenizer.json")  # beside the repository folder: outside
     with pytest.raises(CheckpointError, match="outside"):
         load_checkpoint(snap)
+
+
+@pytest.mark.parametrize("name,text,words", [
+    ("tokenizer_config.json", "{not json", ("tokenizer_config.json", "json")),
+    ("tokenizer_config.json", "[1, 2]", ("tokenizer_config.json", "object")),
+    ("chat_template.json", "{\"chat_template\": ", ("chat_template.json", "chat template")),
+    ("chat_template.jinja", b"\xff\xfe{{ bad", ("chat_template.jinja", "chat template")),
+])
+def test_cli_refuses_broken_tokenizer_files_before_tracing(small_ckpt, tmp_path, name, text, words):
+    """Files the exporter copies into the artifact are read in the load stage, not after the gate."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(small_ckpt, folder)
+    (folder / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    before = snapshot(folder)
+    out = tmp_path / "art"
+    res = cli("--model", str(folder), "--out", str(out), "--code", "arith")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and all(w in errors[0] for w in words), res.stderr
+    assert "trace" not in res.stderr.replace(errors[0], "")
+    assert not out.exists() and snapshot(folder) == before
