@@ -206,6 +206,7 @@ def quantize_nbits(src: str | Path, bits: int = 4, block_size: int = 32, accurac
     head = _head_nodes(model) if head_bits not in (None, bits) else []
     report: dict = {"quantizer": quantizer}
     hessians = hessians if (hessians and quantizer == "gptq") else {}
+    own = not hessians  # computed here: each is freed once used (2.2 GB of them at full size)
     if quantizer == "gptq" and not hessians:
         from .gptq import calibration_hessians
 
@@ -218,7 +219,7 @@ def quantize_nbits(src: str | Path, bits: int = 4, block_size: int = 32, accurac
         report.update(calibration_tokens=seen, calibration_s=round(time.perf_counter() - t0, 1))
     onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
     skip = set(exclude) | set(head)
-    packed = _gptq_weights(model, hessians, skip, block_size, is_symmetric, log, report) if hessians else {}
+    packed = _gptq_weights(model, hessians, skip, block_size, is_symmetric, log, report, free=own) if hessians else {}
     del hessians
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=is_symmetric,
                              accuracy_level=accuracy_level, nodes_to_exclude=exclude + head,
@@ -247,7 +248,7 @@ def _weight_matmuls(model: onnx.ModelProto, skip: set[str]) -> list[onnx.NodePro
 
 
 def _gptq_weights(model: onnx.ModelProto, hessians: dict, skip: set[str], block: int, symmetric: bool,
-                  log: Callable[[str], None], report: dict) -> dict[str, tuple]:
+                  log: Callable[[str], None], report: dict, free: bool = False) -> dict[str, tuple]:
     """GPTQ of every MatMul weight (nodes in `skip` aside) whose input has a Hessian: {weight name:
     packed (B, scales, zero points)}.
     MatMuls sharing an input (q, k, v) are solved as one wider matrix: GPTQ treats output columns
@@ -267,7 +268,7 @@ def _gptq_weights(model: onnx.ModelProto, hessians: dict, skip: set[str], block:
     for k, (inp, names) in enumerate(groups.items()):
         ws = [numpy_helper.to_array(inits[w]).astype(np.float32) for w in names]
         W = np.concatenate(ws, 1)
-        H = hessians[inp]
+        H = hessians.pop(inp) if free else hessians[inp]
         K = W.shape[0]
         pad = -K % block  # ORT pads K to whole blocks with zero rows; so does GPTQ here (dead inputs)
         if pad:
