@@ -217,10 +217,13 @@ def quantize_nbits(src: str | Path, bits: int = 4, block_size: int = 32, accurac
             f"{calibration[1]} tokens sampled from the fp32 graph")
         hessians, seen = calibration_hessians(src, inputs, *calibration, log=log)
         report.update(calibration_tokens=seen, calibration_s=round(time.perf_counter() - t0, 1))
-    onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
     skip = set(exclude) | set(head)
-    packed = _gptq_weights(model, hessians, skip, block_size, is_symmetric, log, report, free=own) if hessians else {}
+    # GPTQ reads each weight from the file as it goes, so the Hessians and the whole fp32 model are
+    # never in memory together (the build's peak is the calibration; benchmarks/RESULTS.md)
+    packed = (_gptq_weights(model, hessians, skip, block_size, is_symmetric, log, report, src.parent, free=own)
+              if hessians else {})
     del hessians
+    onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=is_symmetric,
                              accuracy_level=accuracy_level, nodes_to_exclude=exclude + head,
                              op_types_to_quantize=("MatMul",))
@@ -248,7 +251,7 @@ def _weight_matmuls(model: onnx.ModelProto, skip: set[str]) -> list[onnx.NodePro
 
 
 def _gptq_weights(model: onnx.ModelProto, hessians: dict, skip: set[str], block: int, symmetric: bool,
-                  log: Callable[[str], None], report: dict, free: bool = False) -> dict[str, tuple]:
+                  log: Callable[[str], None], report: dict, base_dir: Path, free: bool = False) -> dict[str, tuple]:
     """GPTQ of every MatMul weight (nodes in `skip` aside) whose input has a Hessian: {weight name:
     packed (B, scales, zero points)}.
     MatMuls sharing an input (q, k, v) are solved as one wider matrix: GPTQ treats output columns
@@ -266,7 +269,7 @@ def _gptq_weights(model: onnx.ModelProto, hessians: dict, skip: set[str], block:
     out: dict[str, tuple] = {}
     t0 = time.perf_counter()
     for k, (inp, names) in enumerate(groups.items()):
-        ws = [numpy_helper.to_array(inits[w]).astype(np.float32) for w in names]
+        ws = [numpy_helper.to_array(inits[w], base_dir=str(base_dir)).astype(np.float32) for w in names]
         W = np.concatenate(ws, 1)
         H = hessians.pop(inp) if free else hessians[inp]
         K = W.shape[0]
