@@ -97,7 +97,7 @@ def decode_tok_s(folder: Path, cfg, steps: int = 48, prompt: int = 128) -> tuple
     other processes took meanwhile: a figure with a share above a few % is not comparable)."""
     import onnxruntime as ort
 
-    from export.verify import KvLM
+    from export.gate_drivers import KvLM
     from runtime.interface import KV_MODEL_FILE
 
     so = ort.SessionOptions()
@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from export.floors import floors_for
     from export.graph import load_reference
-    from export.verify import KvLM, OrtLM, heldout_tokens, positions, quality, ref_logits
+    from export.gate_drivers import KvLM, OrtLM, positions
+    from export.gate_reference import heldout_tokens, ref_logits
+    from export.verify import quality
     from export.writer import save_onnx
     from graphs.gqa import kv_graph
     from graphs.quantize import _weight_matmuls, lift_node_names, quantize_nbits
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = dict(np.load(ref_file)) if ref_file.is_file() else {}
     lm = load_reference(args.ckpt, None, {})
     cfg = lm.cfg
-    if "ids" not in ref:  # the gate's held-out text and logits (export.verify.expectations makes the same call)
+    if "ids" not in ref:  # the gate's held-out text and logits (export.gate_reference.expectations makes the same call)
         t0 = time.perf_counter()
         ref["ids"], source, ref["logits"] = heldout_tokens(lm, args.fp32, 4, 64, log)
         if ref["logits"] is None:

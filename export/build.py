@@ -330,7 +330,9 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
             parity, verified, passed = {"skipped": "--no-verify"}, [], True
             if verify:
                 from .progress import Bar
-                from .verify import Laps, expectations, gate_providers, gate_units, run_gate
+                from .gate_reference import expectations
+                from .gate_report import Laps
+                from .verify import gate_providers, gate_units, run_gate
                 from .verify_draft import PROPOSING_PRECISIONS, propose
 
                 bar = Bar("verify", gate_units(cfg, kv_graph=kv_info["file"] is not None),

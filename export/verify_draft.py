@@ -22,7 +22,8 @@ from reference.config import ModelConfig
 from runtime.interface import KV_MODEL_FILE
 
 from .floors import GREEDY_TOKENS
-from .verify import HELD_LEN, KvLM, OrtLM, Proposal, draw, gate_inputs, held_plan, heldout_text, positions
+from .gate_drivers import KvLM, OrtLM, positions
+from .gate_reference import HELD_LEN, Proposal, draw, gate_inputs, held_plan, heldout_text
 
 PROPOSING_PRECISIONS = ("fp32", "fp16")
 

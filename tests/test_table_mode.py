@@ -68,7 +68,8 @@ def test_artifact_logits_match_the_reference_with_its_table(table_artifact, tabl
 
 
 def test_lift_check_catches_a_wrong_table_row(table_artifact, table_ckpt):
-    from export.verify import Report, check_lift
+    from export.gate_report import Report
+    from export.verify import check_lift
     from reference.checkpoint import load_model
 
     out, _ = table_artifact

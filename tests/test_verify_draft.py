@@ -25,7 +25,7 @@ def lm(tiny_ckpt):
 @pytest.fixture(scope="module")
 def unaided(lm, tmp_path_factory):
     """The held-out text and logits the reference samples on its own (no tokenizer: sampled)."""
-    from export.verify import heldout_tokens
+    from export.gate_reference import heldout_tokens
 
     ids, source, logits, accepted = heldout_tokens(lm, tmp_path_factory.mktemp("no-tokenizer"), lambda m: None)
     assert source.startswith("sampled") and accepted == 0
@@ -34,7 +34,7 @@ def unaided(lm, tmp_path_factory):
 
 def test_greedy_proposal_accepted_only_where_the_reference_agrees(lm):
     from export.floors import GREEDY_TOKENS
-    from export.verify import gate_inputs, reference_greedy
+    from export.gate_reference import gate_inputs, reference_greedy
     from reference.generate import generate
 
     prompt = gate_inputs(lm.cfg.vocab_size)[2]
@@ -49,7 +49,7 @@ def test_greedy_proposal_accepted_only_where_the_reference_agrees(lm):
 
 
 def test_held_out_proposal_accepted_only_where_the_reference_agrees(lm, unaided, tmp_path):
-    from export.verify import HELD_LEN, heldout_tokens
+    from export.gate_reference import HELD_LEN, heldout_tokens
 
     want_ids, want_logits = unaided
     scale = float(np.abs(want_logits).max())
@@ -70,7 +70,7 @@ def test_draw_is_torch_multinomial():
     distribution, chi-square."""
     import torch
 
-    from export.verify import HELD_LEN, HELD_ROWS, HELD_SEED, draw, held_plan
+    from export.gate_reference import HELD_LEN, HELD_ROWS, HELD_SEED, draw, held_plan
 
     V = 1000
     first, noise = held_plan(V)
@@ -103,7 +103,8 @@ def damage(folder, factor: float = 1.05) -> None:
 def test_damaged_artifact_proposes_wrong_tokens_and_still_fails(lm, unaided, tiny_artifacts, tmp_path):
     """A perturbed weight: its proposals are corrected by the reference, and the gate fails."""
     from export.floors import GREEDY_TOKENS
-    from export.verify import expectations, gate_inputs, run_gate
+    from export.gate_reference import expectations, gate_inputs
+    from export.verify import run_gate
     from export.verify_draft import propose
     from reference.generate import generate
 
