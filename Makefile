@@ -16,14 +16,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[cpu,export,hub,remote,dev,serve,serve-ray]'
 	touch $@
 
-# The quick suite (< 20 min on 2 cores). CI also runs `make test-slow`.
-test: setup
+# The quick suite (< 20 min on 2 cores). CI also runs `make test-slow`. Every test target first
+# installs the front ends the tests drive (genai and optimum venvs, Node packages, chromium: cached,
+# so only the first run installs), so a clone's `make setup && make test` skips nothing but `cuda`.
+test: setup setup-frontends
 	$(PYTEST) -q -m "not slow"
 
-test-slow: setup
+test-slow: setup setup-frontends
 	$(PYTEST) -q -m slow || [ $$? -eq 5 ]  # 5: no slow test collected
 
-test-all: setup
+test-all: setup setup-frontends
 	$(PYTEST) -q
 
 # The embedded Shakespeare model, end to end and offline: export with the parity gate (the table
@@ -78,8 +80,11 @@ $(VENVS)/optimum/.installed: Makefile
 # PUPPETEER_SKIP_DOWNLOAD: puppeteer-core drives the system chromium and downloads no browser.
 APT_JS := $(if $(shell command -v node),,nodejs) $(if $(shell command -v npm),,npm) $(if $(shell command -v chromium),,chromium)
 .PHONY: setup-js
-setup-js:
+setup-js: tests/js/node_modules/.installed
+
+tests/js/node_modules/.installed: tests/js/package-lock.json
 	@if [ -n "$(strip $(APT_JS))" ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update && $$SUDO apt-get install -y $(APT_JS); fi
 	cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund
+	touch $@
