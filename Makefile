@@ -54,11 +54,23 @@ GENAI_PINS := onnxruntime-genai==0.18.0 onnxruntime==1.32.0 tokenizers==0.23.3 n
 OPTIMUM_PINS := 'optimum-onnx[onnxruntime]==0.1.0' optimum==2.1.0 transformers==4.57.6 onnxruntime==1.32.0 \
 	tokenizers==0.22.2 numpy==2.4.6
 
-.PHONY: setup-genai setup-optimum setup-frontends
+.PHONY: setup-genai setup-optimum setup-frontends setup-cudaprobe
 
 setup-genai: $(VENVS)/genai/.installed
 setup-optimum: $(VENVS)/optimum/.installed
-setup-frontends: setup-genai setup-optimum setup-js
+setup-cudaprobe: $(VENVS)/cudaprobe/.installed
+setup-frontends: setup-genai setup-optimum setup-js setup-cudaprobe
+
+# onnxruntime-gpu's partitioner without a GPU (tests/cuda_probe): the newest onnxruntime-gpu on the
+# registry with its CUDA 13 libraries (about 2.5 GB), and build.sh's stand-in device. The CPU
+# onnxruntime pin has no GPU wheel of its own version; this is the build a CUDA user installs.
+CUDAPROBE_PINS := 'onnxruntime-gpu[cuda,cudnn]==1.31.1' 'nvidia-cublas~=13.0' numpy==2.4.6
+$(VENVS)/cudaprobe/.installed: Makefile tests/cuda_probe/build.sh tests/cuda_probe/fake_cudart.c
+	test -x $(VENVS)/cudaprobe/bin/python || $(PYTHON) -m venv $(VENVS)/cudaprobe
+	$(VENVS)/cudaprobe/bin/python -m pip install -q --upgrade pip
+	$(VENVS)/cudaprobe/bin/python -m pip install -q $(CUDAPROBE_PINS)
+	tests/cuda_probe/build.sh $(VENVS)/cudaprobe
+	touch $@
 
 $(VENVS)/genai/.installed: Makefile
 	test -x $(VENVS)/genai/bin/python || $(PYTHON) -m venv $(VENVS)/genai
