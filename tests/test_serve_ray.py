@@ -39,9 +39,11 @@ def test_two_replicas_answer_sixteen_concurrent_clients(tmp_path_factory):
              _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(deployment(str(demo), replicas=2, max_batch=8, threads=1, name="demo"), name="tablefree",
-                  route_prefix="/")
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        serve.run(deployment(str(demo), replicas=2, max_batch=8, threads=1, name="demo", api_key="sk-ray"),
+                  name="tablefree", route_prefix="/")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-ray", max_retries=0, timeout=120)
+        with pytest.raises(openai.AuthenticationError):  # the key reaches the replicas' apps
+            client.with_options(api_key="sk-other").models.list()
 
         def ask(i: int) -> str:
             kw = dict(model="demo", prompt=PROMPTS[i], max_tokens=24, temperature=0)

@@ -7,6 +7,7 @@ Ray Serve scale-out needs `serve-ray`. Nothing here is imported by `import runti
     engine.py     the scheduler thread: admission, prefill, batched decode step, sampling, stop strings
     protocol.py   the request schema and OpenAI-style errors
     app.py        the FastAPI app (endpoints, SSE)
+    guard.py      safe to expose: the API key, the body limit (ASGI middleware), the startup warning, prompt length before tokenizing
     chat.py       /v1/chat/completions: the artifact's chat template, the chat request and shapes
     metrics.py    Prometheus metrics
     background.py a server in a thread of this process (tests, benchmarks)

@@ -22,7 +22,6 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,6 +29,7 @@ from ..errors import RuntimeArtifactError
 from ..sampling import SamplingConfig
 from .chat import ChatRequest, ChatTemplate, Shape, completion_of, no_template
 from .engine import Event, GenRequest, QueueFullError, Scheduler, ShuttingDownError
+from .guard import DEFAULT_MAX_BODY_BYTES, Guard, chars_per_token, check_chars, parse_body
 from .logprobs import prompt_entries
 from .metrics import Metrics
 from .protocol import APIError, CompletionRequest, bad, check_options
@@ -63,6 +63,7 @@ class _Served:
         self.vocab_size = model.info.vocab_size
         self.max_len = scheduler.max_len
         self.created = int(time.time())
+        self.chars_per_token = chars_per_token(self.tokenizer)  # a text longer than max_len * this cannot fit
         try:
             self.chat_template = ChatTemplate.of(model.info.tokenizer_config)
         except RuntimeError as e:  # a template that does not compile: say so at start, not per request
@@ -89,6 +90,7 @@ class _Served:
             if isinstance(p, str):
                 if self.tokenizer is None:
                     raise bad(f"this artifact has no tokenizer.json: send token ids as the {what}", "prompt")
+                check_chars(p, self.chars_per_token, self.max_len, what, "prompt")
                 p = self.tokenizer.encode(p).ids
             if not p:
                 raise bad(f"{what} is empty (text that encodes to no tokens counts as empty)", "prompt")
@@ -104,9 +106,10 @@ class _Served:
 
 
 def create_app(model: Any, name: str | None = None, max_batch: int = 8, max_queue: int = 256,
-               max_len: int | None = None, max_prefill_tokens: int | None = None) -> FastAPI:
+               max_len: int | None = None, max_prefill_tokens: int | None = None, api_key: str | None = None,
+               max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """An app serving `model` (a loaded runtime Model with a model.kv.onnx session); the
-    scheduler's knobs are Scheduler's."""
+    scheduler's knobs are Scheduler's; api_key / max_body_bytes: guard.Guard's (None: no key / no limit)."""
     metrics = Metrics(max_batch)
     scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, max_len=max_len, metrics=metrics,
                           max_prefill_tokens=max_prefill_tokens)
@@ -123,6 +126,8 @@ def create_app(model: Any, name: str | None = None, max_batch: int = 8, max_queu
 
     app = FastAPI(title="tablefree-onnx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.served = served
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes,
+                       on_refuse=lambda status: metrics.rejected.labels(status=str(status)).inc())
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -161,22 +166,24 @@ def create_app(model: Any, name: str | None = None, max_batch: int = 8, max_queu
     async def chat(request: Request) -> Response:
         if served.chat_template is None:
             raise no_template(served.name)
-        try:
-            body = ChatRequest.model_validate_json(await request.body())
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from None
+        body = await parse_body(ChatRequest, request)
         served.check_model(body.model)
         if served.tokenizer is None:
             raise bad("this artifact has a chat template but no tokenizer.json to encode it", "messages")
-        text = served.chat_template.render(body.messages)
-        ids = served.tokenizer.encode(text, add_special_tokens=False).ids
+
+        def encode() -> list[int]:
+            text = served.chat_template.render(body.messages)
+            check_chars(text, served.chars_per_token, served.max_len, "rendered messages", "messages")
+            return served.tokenizer.encode(text, add_special_tokens=False).ids
+
+        ids = await asyncio.to_thread(encode)  # off the event loop: other clients are served meanwhile
         if not ids:
             raise bad("the messages render to an empty prompt", "messages")
         return await _complete(served, completion_of(body, ids), request, Shape(chat=True))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await _complete(served, body, request)
+    async def completions(request: Request) -> Response:
+        return await _complete(served, await parse_body(CompletionRequest, request), request)
 
     return app
 
@@ -246,7 +253,7 @@ class _Choice:
 
 async def _complete(served: _Served, body: CompletionRequest, request: Request, shape: Shape = Shape(chat=False)) -> Response:
     served.check_model(body.model)
-    rows = served.prompts(body.prompt)
+    rows = await asyncio.to_thread(served.prompts, body.prompt)  # tokenizing: off the event loop
     reqs = _requests(served, body, rows)
     outbox = _Outbox.of(asyncio.get_running_loop())
     events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()

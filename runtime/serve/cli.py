@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from ..errors import MissingDependencyError
+from .guard import DEFAULT_MAX_BODY_BYTES, exposure_warning, resolve_api_key
 
 
 HELP = "OpenAI-compatible HTTP server (needs tablefree-onnx[serve])"
@@ -35,6 +36,13 @@ def add_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
     sp.add_argument("--shutdown-timeout", type=float, default=30.0,
                     help="on SIGINT/SIGTERM, seconds running requests get to finish before they are cancelled")
+    sp.add_argument("--api-key", default=None,
+                    help="every request but /health and /metrics must send `Authorization: Bearer KEY` (401 "
+                         "otherwise); default $TABLEFREE_API_KEY, else none (the flag wins over the variable)")
+    sp.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                    help="larger request bodies get 413 before they are read (default 4 MiB: a 1024-token "
+                         "context is at most ~18 KB of JSON, a 3-character token \\u-escaped being 18 bytes, so "
+                         "this holds it 200 times over and parses in ~0.25 s at worst; 0: no limit)")
     sp.add_argument("--ray", action="store_true", help="deploy on Ray Serve (needs tablefree-onnx[serve-ray])")
     sp.add_argument("--replicas", type=int, default=2, help="with --ray: replicas, each one scheduler (default 2)")
 
@@ -61,6 +69,12 @@ def serve(args: argparse.Namespace) -> int:
         _need(m, "serve")
     if args.max_batch < 1 or args.max_queue < 0:
         raise SystemExit("error: --max-batch must be >= 1 and --max-queue >= 0")
+    if args.max_body_bytes < 0:
+        raise SystemExit("error: --max-body-bytes must be >= 0 (0: no limit)")
+    args.api_key = resolve_api_key(args.api_key)
+    warning = exposure_warning(args.host, args.api_key)
+    if warning:
+        print(warning, file=sys.stderr)
     if args.ray:
         _need("ray.serve", "serve-ray")
         from .ray_app import run_ray
@@ -73,7 +87,8 @@ def serve(args: argparse.Namespace) -> int:
 
     model = load(args.model, provider=args.provider, threads=args.threads, graph="kv")
     app = create_app(model, name=args.served_model_name, max_batch=args.max_batch, max_queue=args.max_queue,
-                     max_len=args.max_len, max_prefill_tokens=prefill_budget(args))
+                     max_len=args.max_len, max_prefill_tokens=prefill_budget(args), api_key=args.api_key,
+                     max_body_bytes=args.max_body_bytes or None)
     print(f"[serve] {args.model} on {model.provider}: {args.max_batch} slots, model id "
           f"{app.state.served.name!r}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
