@@ -93,8 +93,10 @@ def test_code_tokenizer_ships_as_a_tokenizer_json_equal_to_the_code(ok_export):
         assert shipped.decode(ids, skip_special_tokens=False) == oracle.decode(ids), s
         assert shipped.decode(ids, skip_special_tokens=True) == oracle.decode(ids, skip_special_tokens=True), s
     assert shipped.encode("the other").ids != [oracle.convert_tokens_to_ids(c) for c in "the other"]  # merges ran
+    said = next(i for i, m in enumerate(logs) if "will run code from" in m)  # named before it runs
+    assert "tokenization_charbpe.py" in logs[said]
     line = [m for m in logs if "[export] tokenizer:" in m]
-    assert len(line) == 1 and "ships as tokenizer.json" in line[0] and f"{len(check_strings(oracle))} test strings" in line[0]
+    assert len(line) == 1 and logs.index(line[0]) > said and "ships as tokenizer.json" in line[0] and f"{len(check_strings(oracle))} test strings" in line[0]
 
 
 def test_manifest_records_the_check(ok_export):
