@@ -40,12 +40,13 @@ def write_generation_config(w: ArtifactWriter, cfg: ModelConfig, source: Path) -
     w.write_json(GENERATION_CONFIG_FILE, gen)
 
 
-def genai_readable_tokenizer(path: Path, vocab_size: int) -> bytes:
-    """tokenizer.json in the form onnxruntime-genai reads as code points (export/tokenizer_files.py),
-    which `tokenizers` encodes exactly as the original; other kinds of tokenizer come back as they are."""
+def genai_readable_tokenizer(path: Path | bytes, vocab_size: int) -> bytes:
+    """tokenizer.json (a file or its bytes) in the form onnxruntime-genai reads as code points
+    (export/tokenizer_files.py), which `tokenizers` encodes exactly as the original; other kinds of
+    tokenizer come back as they are."""
     from .tokenizer_files import TokenizerFormError, genai_tokenizer_json
 
-    raw = path.read_bytes()
+    raw = path if isinstance(path, bytes) else path.read_bytes()
     try:
         return json.dumps(genai_tokenizer_json(json.loads(raw), vocab_size), ensure_ascii=False).encode("utf-8")
     except TokenizerFormError:
@@ -92,13 +93,27 @@ def check_tokenizer_files(source: Path) -> None:
     _chat_template_file(source, root)
 
 
-def copy_tokenizer(w: ArtifactWriter, source: Path, vocab_size: int | None = None) -> list[str]:
+def copy_tokenizer(w: ArtifactWriter, source: Path, vocab_size: int | None = None, remote=None) -> list[str]:
     """The checkpoint's tokenizer files, each only if it resolves inside the checkpoint folder;
     tokenizer_config.json gains `model_input_names` (written even when the checkpoint had none);
-    with `vocab_size`, tokenizer.json is shipped in the form genai reads too (genai_readable_tokenizer)."""
+    with `vocab_size`, tokenizer.json is shipped in the form genai reads too (genai_readable_tokenizer).
+
+    `remote` (export/remote_tokenizer.RemoteTokenizer): the folder's tokenizer is code; its checked
+    conversion is the tokenizer.json, or there is none (the artifact runs on ids, even when the
+    folder has a tokenizer.json: it does not do what the code does). A tokenizer_config.json that
+    names tokenizer code loses it (the artifact holds no code): see remote_tokenizer.shipped_config."""
+    from .remote_tokenizer import shipped_config, tokenizer_code
+
     copied = []
     root = source.resolve()
+    if remote is not None and remote.tokenizer_json is not None:
+        raw = remote.tokenizer_json.encode("utf-8")
+        w.write_bytes(TOKENIZER_FILES[0], genai_readable_tokenizer(raw, vocab_size) if vocab_size is not None else raw)
+        copied.append(TOKENIZER_FILES[0])
+    strip_code = tokenizer_code(source) is not None
     for name in TOKENIZER_FILES:
+        if remote is not None and name == TOKENIZER_FILES[0]:
+            continue
         src = source / name
         try:
             real = src.resolve(strict=True)
@@ -111,7 +126,7 @@ def copy_tokenizer(w: ArtifactWriter, source: Path, vocab_size: int | None = Non
             template = _chat_template_file(source, root)
             if template is not None and "chat_template" not in tc:  # newer transformers keep it beside
                 tc["chat_template"] = template
-            w.write_json(name, {**tc, "model_input_names": MODEL_INPUT_NAMES})
+            w.write_json(name, {**(shipped_config(tc) if strip_code else tc), "model_input_names": MODEL_INPUT_NAMES})
         elif name == "tokenizer.json" and vocab_size is not None:
             w.write_bytes(name, genai_readable_tokenizer(real, vocab_size))
         else:
@@ -202,7 +217,8 @@ def producer_versions() -> dict[str, str]:
 
 def write_manifest(w: ArtifactWriter, *, cfg: ModelConfig, source_info: dict, source: Path, lift_mode: str,
                    precision: str, opset: int, providers_verified: list[str], parity: dict | None,
-                   stages: dict[str, float], kv_graph: dict | None = None, quantization: dict | None = None) -> dict:
+                   stages: dict[str, float], kv_graph: dict | None = None, quantization: dict | None = None,
+                   tokenizer: dict | None = None) -> dict:
     """manifest.json (SPEC 3): where the artifact came from, how it was made, the gate's report;
     the writer adds the sha256 table of every file."""
     manifest = {
@@ -221,6 +237,8 @@ def write_manifest(w: ArtifactWriter, *, cfg: ModelConfig, source_info: dict, so
         "parity": parity,
         "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
     }
+    if tokenizer is not None:  # the checkpoint's tokenizer is code (export/remote_tokenizer.py): converted, or ids only
+        manifest["tokenizer"] = tokenizer
     if quantization is not None:  # how int8 / int4 weights were made (export.build.convert_precision)
         manifest["quantization"] = quantization
     return w.write_manifest(manifest)

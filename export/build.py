@@ -170,9 +170,9 @@ def table_mode(cfg, lift_mode: str, out: Path, folder: Path, precision: str,
 
 def note_folder_code(folder: Path, log: Callable[[str], None]) -> None:
     """Say so when a folder ships model code that this build does not run (SPEC 2: only on request)."""
-    from .remote import folder_auto_map
+    from .remote import has_model_code
 
-    if folder_auto_map(folder):
+    if has_model_code(folder):
         log(f"[export] note: {folder.name} ships its own model code (auto_map in config.json); it was not run. "
             "Pass --trust-remote-code to check the reference against it")
 
@@ -293,14 +293,18 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
             out = table_out
             check_arguments(out, lift_mode, precision, provider, opset, force, trust_remote_code, overrides,
                             kv_graph, folder)
-        if trust_remote_code:
+        from .remote import has_model_code
+        from .remote_tokenizer import tokenizer_stage
+
+        remote_tok, tok_manifest = tokenizer_stage(folder, lm.cfg.vocab_size, trust_remote_code, log)
+        if trust_remote_code and (remote_tok is None or has_model_code(folder)):
             from .remote import check_remote
 
             check = check_remote(folder, lm, log)
             overrides.update(check.conventions)  # the trace child and the gate build the same reference
             apply_overrides(lm.cfg, overrides)
             source_info["remote_code"] = check.to_dict()
-        else:
+        elif not trust_remote_code:
             note_folder_code(folder, log)
     cfg = lm.cfg
     if kv_graph and cfg.rope_dim != cfg.head_size:  # before the long stages: no kv graph is never silent
@@ -321,7 +325,7 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
 
                 artifact.write_config(w, cfg)
                 artifact.write_generation_config(w, cfg, folder)
-                artifact.copy_tokenizer(w, folder, cfg.vocab_size)
+                artifact.copy_tokenizer(w, folder, cfg.vocab_size, remote=remote_tok)
             kv_info = {"file": None, "reason": "--no-kv-graph"}
             if kv_graph:
                 with stages("kv graph"):
@@ -363,7 +367,8 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
             with stages("manifest"):
                 artifact.write_manifest(w, cfg=cfg, source_info=source_info, source=folder, lift_mode=lift_mode,
                                         precision=precision, opset=opset, providers_verified=verified, parity=parity,
-                                        stages=stages.seconds, kv_graph=kv_info, quantization=quant_info)
+                                        stages=stages.seconds, kv_graph=kv_info, quantization=quant_info,
+                                        tokenizer=tok_manifest)
             if not passed:
                 failed = w.keep_failed()
                 bad = ", ".join(c["name"] for c in parity["checks"] if c["required"] and not c["passed"])

@@ -145,6 +145,14 @@ def folder_auto_map(folder: Path) -> dict:
     return auto_map if isinstance(auto_map, dict) else {}
 
 
+MODEL_AUTO = ("AutoModelForCausalLM", "AutoModel")
+
+
+def has_model_code(folder: Path) -> bool:
+    """Whether config.json's auto_map names model code (an auto_map may name only a tokenizer)."""
+    return any(k in folder_auto_map(folder) for k in MODEL_AUTO)
+
+
 def remote_code_files(folder: Path) -> list[str]:
     """The folder's .py files that --trust-remote-code runs: the auto_map's modules and, transitively,
     the folder's modules they import (`from .x import`, `import x`, `from x import` with x.py in the folder).
@@ -153,9 +161,17 @@ def remote_code_files(folder: Path) -> list[str]:
     """
     import ast
 
+    import json
+
     folder = Path(folder)
     todo = []
-    for ref in folder_auto_map(folder).values():
+    refs = list(folder_auto_map(folder).values())
+    try:  # the tokenizer's code, named in tokenizer_config.json's auto_map (export/remote_tokenizer.py)
+        tc_map = json.loads((folder / "tokenizer_config.json").read_text()).get("auto_map")
+        refs += list(tc_map.values()) if isinstance(tc_map, dict) else []
+    except (OSError, ValueError, AttributeError):
+        pass
+    for ref in refs:
         for r in ref if isinstance(ref, list) else [ref]:
             if isinstance(r, str) and "." in r:
                 todo.append(r.split("--")[-1].rsplit(".", 1)[0])  # "repo--modeling_x.Cls" -> modeling_x
@@ -188,9 +204,10 @@ def load_remote_model(folder: Path):
     except ImportError:
         raise ExportError(NO_TRANSFORMERS) from None
     auto_map = folder_auto_map(folder)
-    if "AutoModelForCausalLM" not in auto_map and "AutoModel" not in auto_map:
+    if not any(k in auto_map for k in MODEL_AUTO):
         raise ExportError(f"--trust-remote-code: {folder}/config.json has no auto_map naming the folder's model code "
-                          "(AutoModelForCausalLM), so there is no code to compare with; export without the flag")
+                          "(AutoModelForCausalLM), and its tokenizer is no code either, so there is no code to run; "
+                          "export without the flag")
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: nothing to fetch

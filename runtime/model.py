@@ -106,6 +106,12 @@ class Model:
     # -- tokens ----------------------------------------------------------------------------------
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
+            tok = self.info.manifest.get("tokenizer")
+            if isinstance(tok, dict) and tok.get("runs_on") == "ids":  # the checkpoint's tokenizer is code
+                raise RuntimeArtifactError(
+                    f"{self.info.folder} runs on token ids only: its checkpoint's tokenizer is code ({tok.get('code')}) "
+                    f"that {'no tokenizer.json reproduces exactly' if tok.get('check') else 'was not run at export'} "
+                    "(manifest.json -> tokenizer); pass token ids encoded with the checkpoint's own tokenizer")
             raise RuntimeArtifactError(
                 f"no tokenizer.json in {self.info.folder}: pass token ids instead of text, or re-export with the tokenizer"
             )
