@@ -220,10 +220,11 @@ def cmd_paired(a) -> dict:
     decs = {v: session_for(folder, v, d) for v in a.variants}
     t = {v: {"128": [], "900": []} for v in a.variants}
     c0 = cpu_sample()
-    for r in range(a.rounds):
-        for v, dec in decs.items():
+    names = list(decs)
+    for r in range(a.rounds):  # the order rotates: no variant always follows the same one
+        for v in names[r % len(names):] + names[:r % len(names)]:
             for ctx in ("900", "128"):
-                t[v][ctx].append(time_ctx(dec, int(ctx), a.steps))
+                t[v][ctx].append(time_ctx(decs[v], int(ctx), a.steps))
     other = other_share(c0, cpu_sample())
     base = a.variants[0]
     out = {"other_cpu": other, "blocks": a.rounds}
