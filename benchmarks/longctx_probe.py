@@ -1,11 +1,10 @@
 """Long-context decode probe (issue 20.3): what bounds decode@900 / decode@128 on model.kv.onnx, and
 which cache ONNX Runtime's CPU GroupQueryAttention reads fastest.
 
-Why a probe and not bench.py: the question is a kernel's, so every variant runs in ONE process on
-the same session options, interleaved round by round, decoding from a cache whose length is set
-directly (seqlens_k = context; attention's cost does not depend on the cache's values), so no
-prompt enters the figure and one round takes seconds. Variants (each a graph written to --out,
-beside a link to the artifact's model.onnx.data; the artifact folder is only read):
+Why not bench.py: the question is a kernel's, so the variants run in one process, interleaved,
+decoding from a cache whose length is set directly (attention's cost does not depend on the cache's
+values), so no prompt enters the figure. Each variant graph is written to --out beside a hard link
+to the artifact's model.onnx.data (the artifact folder is only read). Variants:
 
 - fp32:        the shipped graph (float32 cache)
 - nospin:      the same, `session.intra_op.allow_spinning=0`
@@ -15,9 +14,8 @@ beside a link to the artifact's model.onnx.data; the artifact folder is only rea
                scales calibrated on a random-token prompt through the fp32 graph, x1.25 margin)
 - fp16:        float16 cache with float32 q/k/v (T_CACHE float16; no Cast nodes)
 
-`profile` writes ORT's per-node profile of decode steps at each context and sums it by op type.
-`quality` samples a long text from the fp32-cache graph (temperature 1) and teacher-forces it
-through each cache variant: top-1 agreement and KL(fp32 cache || variant) per position range.
+`profile` sums ORT's per-node profile of decode steps by op type; `quality` samples a text from the
+fp32-cache graph and teacher-forces it through each variant (top-1, KL against the fp32 cache).
 
     python benchmarks/longctx_probe.py time --artifact DIR [--variants ...] [--rounds 3]
     python benchmarks/longctx_probe.py paired --artifact DIR --variants fp32 int8c --rounds 15 --steps 8
@@ -43,7 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime import interface as I  # noqa: E402
 
-OUT = Path("/work/venvs/longctx-artifacts")
+OUT = Path(os.environ.get("LONGCTX_OUT", "/tmp/longctx-artifacts"))
 QUANT = {"int8t": ("PER_TENSOR", TensorProto.INT8), "int8c": ("PER_CHANNEL", TensorProto.INT8)}
 CACHE_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT8: np.int8}
 
@@ -394,7 +392,9 @@ def main() -> None:
     p.add_argument("--length", type=int, default=900)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="append the result to this JSON file")
+    p.add_argument("--out", default=str(OUT), help="where the variant graphs are written")
     a = p.parse_args()
+    globals()["OUT"] = Path(a.out)
     t0 = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     res = {"time": cmd_time, "paired": cmd_paired, "attn": cmd_attn, "profile": cmd_profile, "quality": cmd_quality}[a.what](a)
     if a.json:
