@@ -27,6 +27,7 @@ import numpy as np
 from ..detok import IncrementalDetokenizer
 from ..loop import held_back
 from ..sampling import SamplingConfig, choose
+from .prefix import Hit, PrefixCache
 from .slots import SlotCache
 
 
@@ -75,17 +76,23 @@ class GenRequest:
     _emitted: int = 0
     _rng: Any = None
     _fed: int = 0  # prompt tokens in the cache (a long prompt goes in pieces)
+    cached: int = 0  # prompt tokens copied from the prefix cache instead of prefilled
+    _hit: Any = None  # a Hit of the prefix cache found at admission (prefix.py)
 
 
 class Scheduler:
     """Owns a SlotCache; `start()` runs the loop in a daemon thread, `stop()` ends it."""
 
     def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 256, max_len: int | None = None,
-                 metrics: Any = None, max_prefill_tokens: int | None = None, warm_up: bool = True):
+                 metrics: Any = None, max_prefill_tokens: int | None = None, warm_up: bool = True,
+                 prefix_cache: PrefixCache | None = None):
         """max_prefill_tokens: prompt tokens prefilled between two decode steps at most (a longer
         prompt goes in pieces, SlotCache.extend): a bound on how long arrivals stall the running
         streams; None: every waiting request that has a slot, whole.
-        warm_up: run every batch size once before the first request (SlotCache.warm_up)."""
+        warm_up: run every batch size once before the first request (SlotCache.warm_up).
+        prefix_cache: where prompts' whole blocks are kept once prefilled, and looked up at
+        admission: a hit copies the prefix into the slot and only the rest is prefilled (prefix.py).
+        None: every prompt is prefilled whole."""
         self.warm_up = warm_up
         self.ready = threading.Event()  # set once warmed up (or failed)
         self.model = model
@@ -98,6 +105,7 @@ class Scheduler:
         eos = model.info.token_id("eos_token_id")
         self.end_ids = set() if eos is None else {int(e) for e in (eos if isinstance(eos, list) else [eos])}
         self.metrics = metrics
+        self.prefix = prefix_cache
         self._cond = threading.Condition()
         self._pending: collections.deque[GenRequest] = collections.deque()
         self._active: list[GenRequest] = []  # index == slot
@@ -184,7 +192,7 @@ class Scheduler:
                 with self._cond:  # whole prompts that fit the budget, then the start of one that does not
                     admit, chunked = [], None
                     while self._pending and len(self._active) + len(admit) < self.max_batch:
-                        n = len(self._pending[0].prompt_ids)
+                        n = self._to_prefill(self._pending[0])
                         if not budget or spent + n <= budget:
                             admit.append(self._pending.popleft())
                             spent += n
@@ -223,9 +231,35 @@ class Scheduler:
         for req in [r for r in self._active if r.cancelled]:
             self._end(req, "cancelled")
 
+    def _to_prefill(self, req: GenRequest) -> int:
+        """Prompt tokens the request needs prefilled: what the prefix cache does not hold (its
+        hit, looked up now, is the one `_prefill` copies in)."""
+        req._hit = self.prefix.match(req.prompt_ids) if self.prefix is not None else None
+        return len(req.prompt_ids) - (req._hit.tokens if req._hit else 0)
+
+    def _save_prefix(self, req: GenRequest) -> None:
+        """The request's prompt is all in its row: keep its whole blocks for later requests."""
+        if self.prefix is not None:
+            self.prefix.save(self.cache, req.slot, req.prompt_ids)
+            if self.metrics is not None:
+                self.metrics.prefix_bytes.set(self.prefix.bytes)
+
     def _prefill(self, reqs: list[GenRequest], first: int | None = None) -> None:
         """New requests into the next free rows, prefilled as one batch, and their first tokens; or
-        (first = n) one request's first n prompt tokens, the rest to follow in `_extend`."""
+        (first = n) one request's first n tokens to prefill, the rest to follow in `_extend`.
+        A request with a prefix hit gets its own row after the others: the hit is copied in and
+        the rest goes in with `_extend` (a chunk after a past is batch 1 in GroupQueryAttention)."""
+        hits = [r for r in reqs if r._hit is not None and r._hit.tokens]
+        reqs = [r for r in reqs if r not in hits] + hits  # the fresh prompts' rows first, contiguous
+        if self.prefix is not None:
+            reused = sum(r._hit.tokens for r in hits)
+            self.prefix.queries += len(reqs)
+            self.prefix.hits += len(hits)
+            self.prefix.tokens_reused += reused
+            if self.metrics is not None:
+                self.metrics.prefix_queries.inc(len(reqs))
+                self.metrics.prefix_hits.inc(len(hits))
+                self.metrics.prefix_tokens.inc(reused)
         start = len(self._active)
         for i, req in enumerate(reqs):
             req.slot = start + i
@@ -234,14 +268,24 @@ class Scheduler:
                 req._rng = np.random.default_rng(req.seed)
             if self.tokenizer is not None:
                 req._detok = IncrementalDetokenizer(self.tokenizer)
-        if first is not None:
+        for req in hits:
+            hit: Hit = req._hit
+            self.prefix.load(self.cache, req.slot, hit)
+            req._fed = req.cached = hit.tokens
+            req._hit = None
+            self._extend(req, len(req.prompt_ids) - hit.tokens if first is None else first)
+        if first is not None and not hits:
             req = reqs[0]
             self.cache.prefill_rows(start, [req.prompt_ids[:first]])
             req._fed = first
             return
-        logits = self.cache.prefill_rows(start, [r.prompt_ids for r in reqs])
-        for i, req in enumerate(reqs):
+        fresh = reqs[: len(reqs) - len(hits)]
+        if not fresh:
+            return
+        logits = self.cache.prefill_rows(start, [r.prompt_ids for r in fresh])
+        for i, req in enumerate(fresh):
             req._fed = len(req.prompt_ids)
+            self._save_prefix(req)
             self._take(req, logits[i : i + 1])
 
     def _extend(self, req: GenRequest, n: int) -> None:
@@ -249,6 +293,7 @@ class Scheduler:
         logits = self.cache.extend(req.slot, req.prompt_ids[req._fed : req._fed + n])
         req._fed += n
         if req._fed == len(req.prompt_ids):
+            self._save_prefix(req)
             self._take(req, logits[None])
 
     def _step(self) -> None:
