@@ -290,12 +290,14 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = full_int8() if args.full else args.model
     if args.shared_prefix:
+        if args.out == RESULTS / "serve_bench.json":  # not the generate comparison's file
+            args.out = RESULTS / "serve_bench_prefix.json"
         vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
         results = {"model": str(folder), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                    "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
                    **shared_prefix(args, folder, vocab)}
         print(results["table"])
-        out = args.out if args.out != RESULTS / "serve_bench.json" else RESULTS / "serve_bench_prefix.json"
+        out = args.out
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=2) + "\n")
