@@ -17,6 +17,17 @@ Targets (issue 13), checked on the full-size int8 artifact:
 
     python benchmarks/serve_bench.py --model artifacts/shakespeare-arith-fp32   # the demo model
     python benchmarks/serve_bench.py --full       # the full-size int8 artifact (bench.py's cache)
+
+--shared-prefix N (issue 20, item 4): instead, every prompt is one N-token prefix (random ids, the
+same for all) and a distinct `--prompt-len` suffix, and two servers run side by side, one with its
+prefix cache and one with --no-prefix-cache, driven in interleaved rounds at `--streams` (default
+8) concurrent streams: TTFT with and without reuse, their ratio (target: >= 3x lower with reuse at
+N = 512), the cache's hits and reused tokens from /metrics, and whether both gave the same texts.
+Each server's warm-up round already sends the prefix (a system prompt seen before): the timed
+requests of the reuse server all hit.
+
+    python benchmarks/serve_bench.py --model DIR --shared-prefix 192 --prompt-len 16
+    python benchmarks/serve_bench.py --full --shared-prefix 512
 """
 from __future__ import annotations
 
@@ -55,10 +66,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+def start_server(model: Path, port: int, args: argparse.Namespace, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "runtime", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
            "--max-batch", str(max(args.streams)), "--threads", str(args.threads), "--served-model-name", "bench",
            "--shutdown-timeout", "5"]
+    cmd += list(extra)
     if args.max_prefill_tokens is not None:
         cmd += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
@@ -190,12 +202,79 @@ def full_int8() -> Path:
     return bench.ensure_artifact("int8", "arith")
 
 
+def prefix_counters(port: int) -> tuple[float, float]:
+    """(prefix cache hits, prompt tokens reused) so far, from the server's /metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    found = [re.search(rf"^tablefree_prefix_cache_{n}_total (\S+)$", text, re.M) for n in ("hits", "reused_tokens")]
+    return tuple(float(m.group(1)) if m else 0.0 for m in found)  # type: ignore[return-value]
+
+
+def shared_prefix(args: argparse.Namespace, folder: Path, vocab: int) -> dict:
+    """Two servers (prefix cache on, off) on prompts that share one N-token prefix; interleaved
+    rounds at each concurrency, medians; TTFT off / on is the speed-up of prefix reuse."""
+    N = args.shared_prefix
+    head = prompts(1, N, vocab, seed=7)[0]
+    per = {s: [head + t for t in prompts(s * args.rounds, args.prompt_len, vocab, seed=s)] for s in args.streams}
+    warm = [head + t for t in prompts(max(args.streams), args.prompt_len, vocab, seed=99)]
+    sides = {"on": (), "off": ("--no-prefix-cache",)}
+    ports = {k: free_port() for k in sides}
+    procs: dict = {}
+    runs: dict = {(k, s): [] for k in sides for s in args.streams}
+    try:
+        for k, extra in sides.items():
+            log(f"serve_bench: starting the server with prefix cache {k} on 127.0.0.1:{ports[k]} ({folder})")
+            procs[k] = start_server(folder, ports[k], args, extra)
+        for k in sides:  # every batch size once, and the prefix into the reuse server's cache
+            drive(ports[k], max(args.streams), warm, args.new_tokens)
+        for rep in range(args.repeats):
+            for s in args.streams:
+                for k in (("on", "off") if rep % 2 == 0 else ("off", "on")):  # alternate who goes first
+                    log(f"serve_bench: round {rep + 1}/{args.repeats}: {s} streams, prefix cache {k}")
+                    h0 = prefix_counters(ports[k])
+                    r = drive(ports[k], s, per[s], args.new_tokens)
+                    h1 = prefix_counters(ports[k])
+                    r["prefix_hits"], r["reused_tokens"] = h1[0] - h0[0], h1[1] - h0[1]
+                    runs[k, s].append(r)
+    finally:
+        for proc in procs.values():
+            stop_server(proc)
+    out: dict = {"shared_prefix": N, "suffix_len": args.prompt_len, "rows": []}
+    lines = ["| streams | prefix cache | TTFT p50 / p99 ms | ITL p50 / p99 ms | tok/s (wall) | hits / requests "
+             "| tokens reused / request | same text as cache off |", "|---|---|---|---|---|---|---|---|"]
+    for s in args.streams:
+        med = {k: median_of(runs[k, s]) for k in sides}
+        same = all(a["texts"] == b["texts"] for a, b in zip(runs["on", s], runs["off", s]))
+        for k in sides:
+            m = med[k]
+            m.pop("texts")
+            m.update(prefix_cache=k, same_text_as_off=same)
+            out["rows"].append(m)
+            lines.append(f"| {s} | {k} | {m['ttft_p50_ms']:.0f} / {m['ttft_p99_ms']:.0f} | {m['itl_p50_ms']:.1f} / "
+                         f"{m['itl_p99_ms']:.1f} | {m['tok_s']:.1f} | {m['prefix_hits']:.0f} / {m['requests']} | "
+                         f"{m['reused_tokens'] / m['requests']:.0f} | {'yes' if same else 'NO'} |")
+        ratio = med["off"]["ttft_p50_ms"] / med["on"]["ttft_p50_ms"]
+        ok = ratio >= 3.0
+        out.setdefault("targets", []).append({"target": f"TTFT p50 at {s} streams, cache off / on >= 3x (prefix {N})",
+                                              "value": ratio, "pass": ok})
+        lines.append(f"| {s} | off / on | {ratio:.2f}x (p99 {med['off']['ttft_p99_ms'] / med['on']['ttft_p99_ms']:.2f}x)"
+                     f" | | {med['on']['tok_s'] / med['off']['tok_s']:.2f}x | | | |")
+    for t in out["targets"]:
+        lines.append(f"\n- {t['target']}: {t['value']:.2f}x {'PASS' if t['pass'] else 'FAIL'}")
+    out["table"] = "\n".join(lines)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="artifact folder")
     src.add_argument("--full", action="store_true", help="the full-size int8 artifact (built and cached like bench.py)")
-    p.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
+    p.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="concurrent streams, comma-separated (default 1,4,16; with --shared-prefix 8)")
+    p.add_argument("--shared-prefix", type=int, default=0,
+                   help="N > 0: the shared-prefix workload, prefix cache on vs off (see above)")
     p.add_argument("--rounds", type=int, default=4, help="requests per stream at each concurrency (default 4)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -204,10 +283,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of server and generate; medians (default 3)")
     p.add_argument("--out", type=Path, default=RESULTS / "serve_bench.json")
     args = p.parse_args(argv)
+    if args.streams is None:
+        args.streams = [8] if args.shared_prefix else [1, 4, 16]
 
     import runtime
 
     folder = full_int8() if args.full else args.model
+    if args.shared_prefix:
+        if args.out == RESULTS / "serve_bench.json":  # not the generate comparison's file
+            args.out = RESULTS / "serve_bench_prefix.json"
+        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+        results = {"model": str(folder), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                   "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+                   **shared_prefix(args, folder, vocab)}
+        print(results["table"])
+        out = args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(out)
+        log(f"serve_bench: wrote {out}")
+        return 0
     model = runtime.load(folder, provider="cpu", threads=args.threads, graph="kv")
     results: dict = {"model": str(folder), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                      "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},

@@ -32,6 +32,7 @@ from .engine import Event, GenRequest, QueueFullError, Scheduler, ShuttingDownEr
 from .guard import DEFAULT_MAX_BODY_BYTES, Guard, chars_per_token, check_chars, parse_body
 from .logprobs import prompt_entries
 from .metrics import Metrics
+from .prefix import DEFAULT_BLOCK, DEFAULT_MAX_BYTES, PrefixCache
 from .protocol import APIError, CompletionRequest, bad, check_options
 
 DISCONNECT_POLL_S = 0.05
@@ -107,12 +108,16 @@ class _Served:
 
 def create_app(model: Any, name: str | None = None, max_batch: int = 8, max_queue: int = 256,
                max_len: int | None = None, max_prefill_tokens: int | None = None, api_key: str | None = None,
-               max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES, prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
+               prefix_block: int = DEFAULT_BLOCK) -> FastAPI:
     """An app serving `model` (a loaded runtime Model with a model.kv.onnx session); the
-    scheduler's knobs are Scheduler's; api_key / max_body_bytes: guard.Guard's (None: no key / no limit)."""
+    scheduler's knobs are Scheduler's; api_key / max_body_bytes: guard.Guard's (None: no key / no
+    limit); prefix_cache_bytes: the prefix cache's bound (0: no prefix reuse), in blocks of
+    prefix_block tokens (prefix.py)."""
     metrics = Metrics(max_batch)
+    prefix = PrefixCache(prefix_block, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
     scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, max_len=max_len, metrics=metrics,
-                          max_prefill_tokens=max_prefill_tokens)
+                          max_prefill_tokens=max_prefill_tokens, prefix_cache=prefix)
     served = _Served(model, name or model.info.folder.name, scheduler, metrics)
 
     @asynccontextmanager

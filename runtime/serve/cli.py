@@ -30,6 +30,11 @@ def add_flags(sp: argparse.ArgumentParser) -> None:
                          "pieces); lower: running streams stall less when requests arrive, new ones wait longer; "
                          "0: every waiting request that has a slot (default 2 x --max-batch: about what a "
                          "step decodes, which held p99 inter-token latency under 3 steps in serve_bench)")
+    sp.add_argument("--no-prefix-cache", action="store_true",
+                    help="prefill every prompt whole (default: a prompt that starts like an earlier one copies "
+                         "that start's keys and values, in blocks of 64 tokens, and prefills only the rest)")
+    sp.add_argument("--prefix-cache-mb", type=float, default=1024.0,
+                    help="memory the prefix cache may hold, least recently used out first (default 1024)")
     sp.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")
     sp.add_argument("--provider", default="cpu", choices=("auto", "cpu", "cuda"),
                     help="execution provider of model.kv.onnx (default cpu)")
@@ -63,6 +68,14 @@ def prefill_budget(args: argparse.Namespace) -> int | None:
     return args.max_prefill_tokens or None
 
 
+def prefix_cache_bytes(args: argparse.Namespace) -> int:
+    """--no-prefix-cache / --prefix-cache-mb: the prefix cache's bound in bytes, 0 for none."""
+    if args.prefix_cache_mb < 0:
+        raise SystemExit(f"error: --prefix-cache-mb must be >= 0 (got {args.prefix_cache_mb}); 0 or "
+                         "--no-prefix-cache turns prefix reuse off")
+    return 0 if args.no_prefix_cache else int(args.prefix_cache_mb * (1 << 20))
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status."""
     for m in ("fastapi", "uvicorn", "prometheus_client"):
@@ -88,9 +101,9 @@ def serve(args: argparse.Namespace) -> int:
     model = load(args.model, provider=args.provider, threads=args.threads, graph="kv")
     app = create_app(model, name=args.served_model_name, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_len=args.max_len, max_prefill_tokens=prefill_budget(args), api_key=args.api_key,
-                     max_body_bytes=args.max_body_bytes or None)
+                     max_body_bytes=args.max_body_bytes or None, prefix_cache_bytes=prefix_cache_bytes(args))
     print(f"[serve] {args.model} on {model.provider}: {args.max_batch} slots, model id "
-          f"{app.state.served.name!r}", file=sys.stderr)
+          f"{app.state.served.name!r}, prefix cache {prefix_cache_bytes(args) >> 20} MiB", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 timeout_graceful_shutdown=args.shutdown_timeout)
     return 0

@@ -34,6 +34,7 @@ from ..detok import IncrementalDetokenizer
 from ..loop import held_back
 from ..sampling import SamplingConfig, choose
 from .logprobs import prompt_logprobs, token_logprobs
+from .prefix import Hit, PrefixCache
 from .slots import SlotCache
 
 
@@ -89,6 +90,8 @@ class GenRequest:
     _fed: int = 0  # prompt tokens in the cache (a long prompt goes in pieces)
     _plp: list[float] = field(default_factory=list)  # prompt log-probabilities so far
     _ptop: list[dict[int, float]] = field(default_factory=list)
+    cached: int = 0  # prompt tokens copied from the prefix cache instead of prefilled
+    _hit: Any = None  # a Hit of the prefix cache found at admission (prefix.py)
 
 
 class Scheduler:
@@ -97,11 +100,15 @@ class Scheduler:
     logits_rows = 128  # positions per Run of a prompt_logprobs prefill: 128 x V float32 (32 MB at V = 65536)
 
     def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 256, max_len: int | None = None,
-                 metrics: Any = None, max_prefill_tokens: int | None = None, warm_up: bool = True):
+                 metrics: Any = None, max_prefill_tokens: int | None = None, warm_up: bool = True,
+                 prefix_cache: PrefixCache | None = None):
         """max_prefill_tokens: prompt tokens prefilled between two decode steps at most (a longer
         prompt goes in pieces, SlotCache.extend): a bound on how long arrivals stall the running
         streams; None: every waiting request that has a slot, whole.
-        warm_up: run every batch size once before the first request (SlotCache.warm_up)."""
+        warm_up: run every batch size once before the first request (SlotCache.warm_up).
+        prefix_cache: where prompts' whole blocks are kept once prefilled, and looked up at
+        admission: a hit copies the prefix into the slot and only the rest is prefilled (prefix.py).
+        None: every prompt is prefilled whole."""
         self.warm_up = warm_up
         self.ready = threading.Event()  # set once warmed up (or failed)
         self.model = model
@@ -114,6 +121,7 @@ class Scheduler:
         eos = model.info.token_id("eos_token_id")
         self.end_ids = set() if eos is None else {int(e) for e in (eos if isinstance(eos, list) else [eos])}
         self.metrics = metrics
+        self.prefix = prefix_cache
         self._cond = threading.Condition()
         self._pending: collections.deque[GenRequest] = collections.deque()
         self._active: list[GenRequest] = []  # index == slot
@@ -200,7 +208,7 @@ class Scheduler:
                 with self._cond:  # whole prompts that fit the budget, then the start of one that does not
                     admit, chunked = [], None
                     while self._pending and len(self._active) + len(admit) < self.max_batch:
-                        n = len(self._pending[0].prompt_ids)
+                        n = self._to_prefill(self._pending[0])
                         if not budget or spent + n <= budget:
                             admit.append(self._pending.popleft())
                             spent += n
@@ -239,10 +247,40 @@ class Scheduler:
         for req in [r for r in self._active if r.cancelled]:
             self._end(req, "cancelled")
 
+    def _to_prefill(self, req: GenRequest) -> int:
+        """Prompt tokens the request needs prefilled: what the prefix cache does not hold (its
+        hit, looked up now, is the one `_prefill` copies in)."""
+        use = self.prefix is not None and not req.prompt_logprobs
+        req._hit = self.prefix.match(req.prompt_ids) if use else None
+        return len(req.prompt_ids) - (req._hit.tokens if req._hit else 0)
+
+    def _save_prefix(self, req: GenRequest) -> None:
+        """The request's prompt is all in its row: keep its whole blocks for later requests."""
+        if self.prefix is not None:
+            self.prefix.save(self.cache, req.slot, req.prompt_ids)
+            if self.metrics is not None:
+                self.metrics.prefix_bytes.set(self.prefix.bytes)
+
     def _prefill(self, reqs: list[GenRequest], first: int | None = None) -> None:
         """New requests into the next free rows, prefilled as one batch, and their first tokens; or
-        (first = n) one request's first n prompt tokens, the rest to follow in `_extend`."""
-        reqs = [r for r in reqs if not r.prompt_logprobs] + [r for r in reqs if r.prompt_logprobs]
+        (first = n) one request's first n tokens to prefill, the rest to follow in `_extend`.
+        A request with a prefix hit gets its own row after the others: the hit is copied in and
+        the rest goes in with `_extend` (a chunk after a past is batch 1 in GroupQueryAttention).
+        Prompt-logprobs requests come last, each on its own row (`_feed_scored`): they never take a
+        hit, since every prompt position's logits is what they return."""
+        scored = [r for r in reqs if r.prompt_logprobs]
+        hits = [r for r in reqs if not r.prompt_logprobs and r._hit is not None and r._hit.tokens]
+        fresh = [r for r in reqs if r not in hits and r not in scored]
+        reqs = fresh + hits + scored  # the fresh prompts' rows first, contiguous
+        if self.prefix is not None:
+            reused = sum(r._hit.tokens for r in hits)
+            self.prefix.queries += len(reqs) - len(scored)
+            self.prefix.hits += len(hits)
+            self.prefix.tokens_reused += reused
+            if self.metrics is not None:
+                self.metrics.prefix_queries.inc(len(reqs) - len(scored))
+                self.metrics.prefix_hits.inc(len(hits))
+                self.metrics.prefix_tokens.inc(reused)
         start = len(self._active)
         for i, req in enumerate(reqs):
             req.slot = start + i
@@ -251,20 +289,25 @@ class Scheduler:
                 req._rng = np.random.default_rng(req.seed)
             if self.tokenizer is not None:
                 req._detok = IncrementalDetokenizer(self.tokenizer)
-        scored = [r for r in reqs if r.prompt_logprobs]
         for req in scored:
             self._feed_scored(req, first if first is not None else len(req.prompt_ids))
-        reqs = reqs[: len(reqs) - len(scored)]
-        if not reqs:
-            return
-        if first is not None:
+        for req in hits:
+            hit: Hit = req._hit
+            self.prefix.load(self.cache, req.slot, hit)
+            req._fed = req.cached = hit.tokens
+            req._hit = None
+            self._extend(req, len(req.prompt_ids) - hit.tokens if first is None else first)
+        if first is not None and fresh:
             req = reqs[0]
             self.cache.prefill_rows(start, [req.prompt_ids[:first]])
             req._fed = first
             return
-        logits = self.cache.prefill_rows(start, [r.prompt_ids for r in reqs])
-        for i, req in enumerate(reqs):
+        if not fresh:
+            return
+        logits = self.cache.prefill_rows(start, [r.prompt_ids for r in fresh])
+        for i, req in enumerate(fresh):
             req._fed = len(req.prompt_ids)
+            self._save_prefix(req)
             self._first(req, logits[i : i + 1])
 
     def _extend(self, req: GenRequest, n: int) -> None:
@@ -275,6 +318,7 @@ class Scheduler:
         logits = self.cache.extend(req.slot, req.prompt_ids[req._fed : req._fed + n])
         req._fed += n
         if req._fed == len(req.prompt_ids):
+            self._save_prefix(req)
             self._first(req, logits[None])
 
     def _feed_scored(self, req: GenRequest, n: int) -> None:
@@ -294,6 +338,7 @@ class Scheduler:
         if req._fed < len(ids):
             return
         req.emit(Event("prompt", prompt_logprobs=req._plp, prompt_top=req._ptop))
+        self._save_prefix(req)
         self._first(req, logits[-1:].copy())
 
     def _first(self, req: GenRequest, logits: np.ndarray) -> None:

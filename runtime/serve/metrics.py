@@ -24,6 +24,14 @@ class Metrics:
         # with batch_size's sum (rows decoded), the aggregate decode throughput: rows / step seconds
         self.step_seconds = Histogram("tablefree_decode_step_seconds", "Wall time of each decode step (all rows, "
                                       "token choice and text included)", registry=r, buckets=_LATENCY)
+        self.prefix_queries = Counter("tablefree_prefix_cache_queries", "Requests admitted with a prefix "
+                                      "cache lookup", registry=r)
+        self.prefix_hits = Counter("tablefree_prefix_cache_hits", "Requests whose prompt start was copied from "
+                                   "the prefix cache instead of prefilled", registry=r)
+        self.prefix_tokens = Counter("tablefree_prefix_cache_reused_tokens", "Prompt tokens copied from the "
+                                     "prefix cache (not prefilled)", registry=r)
+        self.prefix_bytes = Gauge("tablefree_prefix_cache_bytes", "Bytes of keys and values the prefix cache "
+                                  "holds", registry=r)
         self.ttft = Histogram("tablefree_time_to_first_token_seconds", "Submit to first token", registry=r,
                               buckets=_LATENCY)
         self.itl = Histogram("tablefree_inter_token_latency_seconds", "Between two tokens of a request", registry=r,

@@ -194,3 +194,19 @@ class SlotCache:
 
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
+
+    # -- prefix reuse (prefix.py): positions out of a row and into another ------------------------
+    def read_positions(self, slot: int, start: int, stop: int) -> np.ndarray:
+        """A copy of row `slot`'s positions start..stop-1, every layer's keys and values:
+        [2 x layers, heads, stop - start, head_size] in the cache dtype, past-input order."""
+        return np.stack([buf[slot, :, start:stop] for buf in self.buffers])
+
+    def write_positions(self, slot: int, start: int, data: np.ndarray) -> None:
+        """Write `data` (read_positions' layout) at row `slot`'s positions start..; the row's length
+        is the caller's to set."""
+        n = data.shape[2]
+        if start + n > self.max_len or data.shape[0] != len(self.buffers):
+            raise ValueError(f"{data.shape[0]} buffers of {n} positions at {start} do not fit "
+                             f"{len(self.buffers)} buffers of {self.max_len}")
+        for buf, rows in zip(self.buffers, data):
+            buf[slot, :, start : start + n] = rows
