@@ -28,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 TABLE = Path(__file__).with_name("cuda_kernels.json")
 INF = 2 ** 31 - 1
