@@ -76,8 +76,9 @@ def table() -> dict:
 
 
 def table_source() -> str:
-    """The ONNX Runtime commit and version the kernel table was read from (for messages)."""
-    return table()["source"]
+    """The ONNX Runtime version and commit the kernel table was read from (for messages)."""
+    t = table()
+    return f"ONNX Runtime {t['version']} ({t['commit'][:10]})"
 
 
 def _dom(domain: str) -> str:

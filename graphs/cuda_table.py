@@ -6,7 +6,7 @@ docs/OperatorKernels.md (tools/python/gen_opkernel_doc.py walks the registered k
 keeps its CUDAExecutionProvider section as JSON: per (domain, op) the opset ranges, each with the
 formal inputs/outputs (their type variable or fixed type) and the types each variable allows.
 
-    python -m graphs.cuda_table OperatorKernels.md --source "microsoft/onnxruntime@<commit> (VERSION_NUMBER x.y.z)" \
+    python -m graphs.cuda_table OperatorKernels.md --version 1.25.0 --commit <sha> --source "<repo, date>" \
         > graphs/cuda_kernels.json
     python -m graphs.cuda_table OperatorKernels.md --compare-cpu   # the parser against the installed ORT
 
@@ -107,7 +107,9 @@ def compare_cpu(md: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("md", type=Path, help="ONNX Runtime's docs/OperatorKernels.md")
-    ap.add_argument("--source", default="", help="where the file came from (repository, commit, VERSION_NUMBER)")
+    ap.add_argument("--source", default="", help="where the file came from (repository, commit, date)")
+    ap.add_argument("--version", default="", help="the source's VERSION_NUMBER")
+    ap.add_argument("--commit", default="", help="the source's commit")
     ap.add_argument("--provider", default="CUDAExecutionProvider")
     ap.add_argument("--compare-cpu", action="store_true")
     a = ap.parse_args(argv)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.compare_cpu:
         compare_cpu(md)
         return 0
-    doc = {"source": a.source, "provider": a.provider, "generated_by": "python -m graphs.cuda_table",
+    doc = {"source": a.source, "version": a.version, "commit": a.commit, "provider": a.provider, "generated_by": "python -m graphs.cuda_table",
            "kernels": parse(md, a.provider)}
     json.dump(doc, sys.stdout, separators=(",", ":"), sort_keys=True)
     sys.stdout.write("\n")
