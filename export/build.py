@@ -35,6 +35,7 @@ INT_BLOCK_SIZE = 128  # MatMulNBits block for int8 (accuracy level 4: int8 compu
 INT4_QUANTIZER = "gptq"  # the default: calibrated (graphs/gptq.py)
 INT4_SETTINGS = {"gptq": {"block_size": 256, "is_symmetric": True, "head_bits": 4},
                  "rtn": {"block_size": 32, "is_symmetric": False, "head_bits": 8}}
+CUDA_INT4_MAX_BLOCK = 128  # ORT's CUDA 4-bit kernel for one row throws past 128 (runtime/sessions.py)
 INT4_CALIBRATION = (16, 128)  # GPTQ: sequences x tokens sampled from the fp32 graph (78 s at full size)
 
 
@@ -178,7 +179,8 @@ def note_folder_code(folder: Path, log: Callable[[str], None]) -> None:
 
 
 def convert_precision(src: Path, w: ArtifactWriter, precision: str, quantizer: str | None = None,
-                      log: Callable[[str], None] = print, max_len: int = INT4_CALIBRATION[1]) -> dict | None:
+                      log: Callable[[str], None] = print, max_len: int = INT4_CALIBRATION[1],
+                      provider: str = "cpu") -> dict | None:
     """fp32 graph (the trace's work folder) -> model.onnx + model.onnx.data of the requested precision;
     returns the quantizer's report for the manifest (None for fp32 / fp16). `max_len`: the model's
     longest sequence (GPTQ's calibration sequences are no longer)."""
@@ -198,8 +200,11 @@ def convert_precision(src: Path, w: ArtifactWriter, precision: str, quantizer: s
     else:
         quantizer = quantizer or INT4_QUANTIZER
         calibration = (INT4_CALIBRATION[0], min(INT4_CALIBRATION[1], max_len))
+        settings = dict(INT4_SETTINGS[quantizer])
+        if provider == "cuda":
+            settings["block_size"] = min(settings["block_size"], CUDA_INT4_MAX_BLOCK)
         model, report = quantize.quantize_nbits(src, bits=4, quantizer=quantizer, calibration=calibration, log=log,
-                                                **INT4_SETTINGS[quantizer])
+                                                **settings)
     w.save_model(MODEL_FILE, model, DATA_FILE)
     if report is not None:
         report = {k: v for k, v in report.items() if k != "excluded_nodes"}
@@ -239,12 +244,15 @@ def write_kv(w: ArtifactWriter) -> dict:
             "op": "com.microsoft.GroupQueryAttention", "padding": "right", "genai_file": GENAI_KV_MODEL_FILE}
 
 
-def verify_providers(provider: str, log: Callable[[str], None]) -> str:
-    """The provider the gate runs on: cuda when asked and installed, else cpu with a warning."""
+def verify_providers(provider: str, log: Callable[[str], None], folder: Path, precision: str) -> str:
+    """The provider the gate runs on: cuda when asked and installed, else cpu with a warning. Asked for
+    cuda, the graphs first meet ONNX Runtime's CUDA kernel table, GPU or not (export/gate_cuda.py)."""
     if provider != "cuda":
         return "cpu"
     import onnxruntime as ort
+    from .gate_cuda import check_cuda_ready
 
+    log(f"  {check_cuda_ready(folder, precision)}")
     if "CUDAExecutionProvider" in ort.get_available_providers():
         return "cuda"
     log("warning: CUDAExecutionProvider is not installed here (onnxruntime CPU build); the parity gate runs on "
@@ -319,7 +327,7 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
         with exit_signals_raise(), ArtifactWriter(out) as w:
             fp32 = export_isolated(folder, key_map, overrides, w.work, lift_mode, opset, stages, lift_code=_lift_code)
             with stages("precision"):
-                quant_info = convert_precision(fp32, w, precision, quantizer, log, cfg.max_position_embeddings)
+                quant_info = convert_precision(fp32, w, precision, quantizer, log, cfg.max_position_embeddings, provider)
             with stages("files"):
                 from . import artifact
 
@@ -342,7 +350,7 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
                 bar = Bar("verify", gate_units(cfg, kv_graph=kv_info["file"] is not None),
                           enabled=progress and sys.stderr.isatty())
                 with stages("verify", heartbeat=not bar.enabled):
-                    vprov = verify_providers(provider, log)
+                    vprov = verify_providers(provider, log, w.folder, precision)
                     laps = Laps()  # the gate's phases, with the peak memory so far (manifest: parity -> phases)
                     laps("before the gate")
                     proposal = None

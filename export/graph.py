@@ -83,6 +83,7 @@ def export_graph(lm, work: Path, lift_mode: str, opset: int, stages: Stages, lif
     from graphs.lift import TABLE_MODE, attach_lift, check_no_vocab_table, table_initializer
     from graphs.optimize import add_logits_to_keep, fuse_rotary, name_dims, remove_dead
     from graphs.passes import name_nodes, name_weights, optimize
+    from graphs.shape_free import static_reshapes
 
     from .trace import trace_body
 
@@ -115,6 +116,7 @@ def export_graph(lm, work: Path, lift_mode: str, opset: int, stages: Stages, lif
                 raise ExportError(f"the rotary fusion matched {fused} of the {2 * cfg.num_hidden_layers} rotate-half "
                                   "RoPE patterns (q and k of each layer) in the traced graph; the tracer's output changed "
                                   "shape (torch version?): export with the torch version in pyproject.toml")
+        static_reshapes(proto)  # reshape targets without run-time Shape nodes (CUDA would run those on the CPU)
         remove_dead(proto.graph)  # what the passes above left unread (ORT warns about each at load)
         name_dims(proto)
         onnx.save(proto, str(path))

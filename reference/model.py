@@ -128,15 +128,21 @@ class Code(nn.Module):
         return lift(ids, self.cfg, width, self.A, self.b)
 
 
-def attention_bias(attention_mask: torch.Tensor, past_len: int, seq_len: int) -> torch.Tensor:
-    """[B, P+S] 0/1 mask -> additive [B, 1, S, P+S] bias: causal and padding in one tensor.
+def attention_bias(attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, P+S] 0/1 mask and [B, S] positions -> additive [B, 1, S, P+S] bias: causal and padding in one tensor.
 
     Masked entries get the dtype's minimum, not -inf, so a fully padded row stays finite.
+    The slot indices are counted from the two tensors (a cumulative sum of ones), never taken from
+    a size with arange: the exported graph then computes no shape at run time, which ONNX Runtime's
+    CUDA provider would place on the CPU (a refused session once CPU fallback is disabled).
+    Query i of S sits at slot (P+S) - S + i, key j at slot j; position_ids only lends its shape.
     """
-    total = attention_mask.shape[-1]
-    q_pos = torch.arange(seq_len, device=attention_mask.device).unsqueeze(-1) + past_len
-    k_pos = torch.arange(total, device=attention_mask.device).unsqueeze(0)
-    allowed = (k_pos <= q_pos).unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+    ones_k = attention_mask.long() * 0 + 1
+    ones_q = position_ids.long() * 0 + 1
+    k_pos = ones_k.cumsum(-1) - 1                                                   # [B, T]: 0 .. T-1
+    past = ones_k.sum(-1, keepdim=True) - ones_q.sum(-1, keepdim=True)              # [B, 1]: T - S
+    q_pos = ones_q.cumsum(-1) - 1 + past                                            # [B, S]: T-S .. T-1
+    allowed = (k_pos.unsqueeze(1) <= q_pos.unsqueeze(-1)) & attention_mask.bool().unsqueeze(1)
     zero = torch.zeros((), dtype=torch.float32)
     neg = torch.tensor(torch.finfo(torch.float32).min, dtype=torch.float32)
     return torch.where(allowed, zero, neg).unsqueeze(1)
@@ -177,7 +183,7 @@ class TableFreeLM(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, S)
         cos, sin = rope_cos_sin(position_ids, self.cfg.rope_dim, self.cfg.rope_theta)
-        bias = attention_bias(attention_mask, P, S)
+        bias = attention_bias(attention_mask, position_ids)
         presents: list[KV] = []
         for i, layer in enumerate(self.layers):
             x, present = layer(x, cos, sin, bias, past_key_values[i] if past_key_values else None)

@@ -19,13 +19,13 @@ from tokenizers import Tokenizer, decoders
 from . import interface as I
 from .artifact import DEFAULT_VERIFY, VERIFY_MODES, ArtifactInfo, read_artifact
 from .cache import Dims, Graph, SharedKVGraph, SpecGraph
-from .errors import ContextLengthError, InputError, RuntimeArtifactError
+from .errors import ContextLengthError, InputError, ProviderError, RuntimeArtifactError
 from .inputs import (GenerationArgs, as_int64, check_generation_args, check_ids, check_int, check_load_args,
                      check_text, is_int, prompt_rows)
 from .loop import Row, decode_steps, stream_text, text_tracker
 from .onnx_proto import FLOAT16, ProtoError, graph_input_type, node_input_shapes
 from .results import ForwardOutput, GenerationResult, ScoreResult
-from .sessions import PROVIDERS, cuda_available, import_ort, open_session
+from .sessions import PROVIDERS, cuda_available, cuda_block_problem, import_ort, open_session, warn_fallback_once
 
 Prompt = Union[str, Sequence[int]]
 GRAPHS = ("auto", "kv", "spec")
@@ -371,6 +371,12 @@ def load(folder: str | Any, provider: str = "auto", threads: int | None = None, 
     tokenizer = _load_tokenizer(info)
     lift_mode = (info.manifest.get("lift") or {}).get("mode")
     cuda_first = provider in ("cuda", "auto") and cuda_available(ort)
+    block = cuda_block_problem(info.manifest) if cuda_first else None
+    if block and provider == "cuda":
+        raise ProviderError(f"provider='cuda': {block}")
+    if block:  # auto: the CPU, said once
+        warn_fallback_once(f"{info.folder.name} cannot run on CUDA ({block})")
+        provider, cuda_first = "cpu", False
     if has_kv and (graph == "kv" or (graph == "auto" and (not cuda_first or _kv_cache_fp16(info.folder)))):
         kv_session, device = open_session(ort, info.folder / I.KV_MODEL_FILE, provider, threads, lift_mode)
 

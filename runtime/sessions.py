@@ -36,6 +36,23 @@ def cuda_available(ort: Any) -> bool:
     return CUDA_EP in ort.get_available_providers()
 
 
+CUDA_INT4_BLOCKS = (16, 32, 64, 128)  # ORT's CUDA 4-bit one-row MatMulNBits (matmul_4bits.cu) throws for others
+
+
+def cuda_block_problem(manifest: dict) -> str | None:
+    """Why this artifact's int4 weights cannot run on ONNX Runtime's CUDA provider, or None.
+
+    The session would open (the kernel exists) and then every batch-1 decode step would throw in
+    the CUDA 4-bit kernel; the runtime says so before opening instead."""
+    q = manifest.get("quantization") or {}
+    block, bits = q.get("block_size"), q.get("bits", 4 if manifest.get("precision") == "int4" else None)
+    if manifest.get("precision") != "int4" or bits != 4 or block in CUDA_INT4_BLOCKS or block is None:
+        return None
+    return (f"its int4 weights use MatMulNBits block {block}, and ONNX Runtime's CUDA 4-bit kernel runs one row "
+            f"(every batch-1 decode step) only for blocks {'/'.join(map(str, CUDA_INT4_BLOCKS))}: re-export with "
+            "--provider cuda (block 128)")
+
+
 def warn_fallback_once(reason: str) -> None:
     global _warned_fallback
     with _warn_lock:

@@ -164,3 +164,30 @@ def test_kv_graph_on_cuda_runs_or_is_refused_cleanly(models, artifact):
         return
     assert kv.provider == CUDA_EP
     assert kv.generate(prompt, max_new_tokens=32).ids == cpu.generate(prompt, max_new_tokens=32).ids
+
+
+@pytest.fixture(scope="module")
+def fp16_artifact(tmp_path_factory) -> Path:
+    """The fp16 demo export for CUDA: the one kind whose model.kv.onnx the runtime opens on CUDA."""
+    from export.build import build
+
+    out = tmp_path_factory.mktemp("cuda-fp16") / "artifact"
+    return build(DEMO, out, lift_mode="arith", precision="fp16", provider="cuda", log=lambda msg: None)
+
+
+def test_server_slots_keep_the_cache_on_cuda(fp16_artifact):
+    """The server's shared cache as CUDA OrtValues (runtime/serve/slots.py): greedy tokens equal the CPU's."""
+    import runtime
+    from runtime.serve.slots import SlotCache
+
+    gpu, cpu = runtime.load(fp16_artifact, provider="cuda"), runtime.load(fp16_artifact, provider="cpu")
+    slots = {"cuda": SlotCache.from_model(gpu, 2, 96), "cpu": SlotCache.from_model(cpu, 2, 96)}
+    assert slots["cuda"].device == "cuda" and slots["cpu"].device == "cpu"
+    tokens = {}
+    for dev, s in slots.items():
+        last = s.prefill(0, cpu.encode(PROMPTS[1]))
+        got = [int(np.argmax(last))]
+        for _ in range(8):
+            got.append(int(np.argmax(s.step(np.array([got[-1]], np.int64))[0])))
+        tokens[dev] = got
+    assert tokens["cuda"] == tokens["cpu"]

@@ -35,9 +35,13 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class SlotCache:
-    """B cache rows on the CPU; not thread-safe (one scheduler thread owns it)."""
+    """B cache rows on the session's device; not thread-safe (one scheduler thread owns it).
 
-    def __init__(self, session: Any, vocab_size: int, num_layers: int, max_batch: int, max_len: int):
+    device "cuda": each layer's buffer is one CUDA OrtValue, bound by pointer like the CPU arrays,
+    so a decode step writes one position on the GPU instead of copying the cache both ways."""
+
+    def __init__(self, session: Any, vocab_size: int, num_layers: int, max_batch: int, max_len: int,
+                 device: str = "cpu"):
         if max_batch < 1 or max_len < 1:
             raise ValueError(f"max_batch ({max_batch}) and max_len ({max_len}) must be >= 1")
         self.sess = session
@@ -53,13 +57,18 @@ class SlotCache:
         self.heads, self.head_size = int(heads), int(head_size)
         self.has_keep = I.LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
         shape = (self.batch, self.heads, self.max_len, self.head_size)
-        # np.zeros maps zero pages lazily: untouched positions of idle slots cost no memory
-        self.buffers = [np.zeros(shape, self.dtype) for _ in self._past]
+        import onnxruntime as ort  # the session exists, so the module does
+
+        self.device = device
+        if device == "cpu":  # np.zeros maps zero pages lazily: untouched positions of idle slots cost no memory
+            self.buffers = [np.zeros(shape, self.dtype) for _ in self._past]
+            self._ptrs = [b.ctypes.data for b in self.buffers]
+        else:
+            self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype), device, 0) for _ in self._past]
+            self._ptrs = [v.data_ptr() for v in self.buffers]
         self.row_bytes = self.heads * self.max_len * self.head_size * self.dtype.itemsize
         self.lengths = np.zeros(self.batch, np.int32)  # tokens in each row's cache
         self.logits = np.zeros((self.batch, 1, self.vocab_size), np.float32)
-        import onnxruntime as ort  # the session exists, so the module does
-
         self._keep = np.ones(1, np.int64)
         self._keep_value = ort.OrtValue.ortvalue_from_numpy(self._keep)  # over self._keep's memory
         self._decode = session.io_binding()
@@ -73,14 +82,15 @@ class SlotCache:
                              "graph; re-export with a current `python -m export build` and load on the CPU")
         ctx = model.info.context_length
         return cls(model.kv_session, model.info.vocab_size, model.info.num_layers, max_batch,
-                   ctx if max_len is None else min(int(max_len), ctx))
+                   ctx if max_len is None else min(int(max_len), ctx),
+                   "cuda" if model.provider == "CUDAExecutionProvider" else "cpu")
 
     def _bind_rows(self, binding: Any, start: int, count: int) -> None:
         shape = [count, self.heads, self.max_len, self.head_size]
-        for past, present, buf in zip(self._past, self._present, self.buffers):
-            ptr = buf.ctypes.data + start * self.row_bytes
-            binding.bind_input(past, "cpu", 0, self.dtype, shape, ptr)
-            binding.bind_output(present, "cpu", 0, self.dtype, shape, ptr)  # the same memory: shared buffer
+        for past, present, base in zip(self._past, self._present, self._ptrs):
+            ptr = base + start * self.row_bytes
+            binding.bind_input(past, self.device, 0, self.dtype, shape, ptr)
+            binding.bind_output(present, self.device, 0, self.dtype, shape, ptr)  # the same memory: shared buffer
 
     def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
         """Run a prompt into row `slot` (its old contents are overwritten); logits of its last token [V]."""
@@ -189,7 +199,12 @@ class SlotCache:
         """Copy row src's cache (its filled positions) to row dst, so active rows stay 0..k-1."""
         n = int(self.lengths[src])
         for buf in self.buffers:
-            buf[dst, :, :n] = buf[src, :, :n]
+            if self.device == "cpu":
+                buf[dst, :, :n] = buf[src, :, :n]
+            else:  # through the host: once per finished request, not per step
+                host = buf.numpy()
+                host[dst, :, :n] = host[src, :, :n]
+                buf.update_inplace(host)
         self.lengths[dst], self.lengths[src] = n, 0
 
     def free(self, slot: int) -> None:
