@@ -240,8 +240,12 @@ def write_kv(w: ArtifactWriter) -> dict:
 
     w.write_model(KV_MODEL_FILE, kv)
     w.write_model(GENAI_KV_MODEL_FILE, to_genai_kv(kv))  # the same graph fed by attention_mask, for genai
+    # where RoPE runs: in the attention op (whole heads), or in RotaryEmbedding nodes in front of it
+    # (partial rotary, or heads the op's own rotary refuses: graphs/rotary.py)
+    ahead = any(n.op_type == "RotaryEmbedding" for n in kv.graph.node)
     return {"file": KV_MODEL_FILE, "cache": "one [batch, heads, max_len, head_size] buffer per layer, past == present",
-            "op": "com.microsoft.GroupQueryAttention", "padding": "right", "genai_file": GENAI_KV_MODEL_FILE}
+            "op": "com.microsoft.GroupQueryAttention", "padding": "right", "genai_file": GENAI_KV_MODEL_FILE,
+            "rotary": "com.microsoft.RotaryEmbedding before the attention op" if ahead else "in the attention op"}
 
 
 def verify_providers(provider: str, log: Callable[[str], None], folder: Path, precision: str) -> str:
@@ -315,10 +319,10 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
         elif not trust_remote_code:
             note_folder_code(folder, log)
     cfg = lm.cfg
-    if kv_graph and cfg.rope_dim != cfg.head_size:  # before the long stages: no kv graph is never silent
-        raise ExportError(f"cannot build {KV_MODEL_FILE}: its attention op rotates whole heads and this model "
-                          f"rotates {cfg.rope_dim} of {cfg.head_size} dims per head (partial rotary); pass "
-                          f"--no-kv-graph (the runtime then serves every call with {MODEL_FILE})")
+    if kv_graph and cfg.head_size % 8:  # before the long stages: no kv graph is never silent
+        raise ExportError(f"cannot build {KV_MODEL_FILE}: ONNX Runtime's GroupQueryAttention takes heads of a "
+                          f"multiple of 8 features and this model's are {cfg.head_size}; pass --no-kv-graph "
+                          f"(the runtime then serves every call with {MODEL_FILE})")
     del lm  # the trace runs in a child process and the gate reloads the reference (export_isolated)
     log(f"[export] model {folder} (V {cfg.vocab_size}, d {cfg.hidden_size}, {cfg.num_hidden_layers} layers) "
         f"-> {out} [{lift_mode}, {precision}, opset {opset}]")

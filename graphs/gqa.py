@@ -11,7 +11,9 @@ What ONNX Runtime 1.32's CPU kernel needs (its schema, printed by
 `onnxruntime.capi.onnxruntime_pybind11_state.get_all_operator_schema()`, and
 contrib_ops/cpu/bert/group_query_attention{.cc,_helper.h}, gqa_attention_base.h):
 - query/key/value [B, S, H*hs] (BSNH, i.e. the projection outputs before the head split);
-  head_size a multiple of 8, and of 16 when cos/sin caches are given;
+  head_size a multiple of 8, and of 16 when cos/sin caches are given, whose width (a multiple of 8)
+  sets the rotated width; models outside that (partial rotary of 8 features, heads of 8 or 24)
+  are rotated in front of the op by graphs/rotary.py, with do_rotary=0;
 - the buffer is shared when past_key's data pointer equals present_key's (gqa_attention_base.h:
   `past_present_share_buffer = past_key_data == present_key_data && ...`); present then has the
   buffer's length max(total_sequence_length, past length) and nothing is copied;
@@ -47,6 +49,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .maps import consumers, producers
 from .optimize import remove_dead, rotary_caches
+from .rotary import position_nodes, rotary_node
 from runtime.interface import (
     ATTENTION_MASK,
     BATCH_DIM,
@@ -130,7 +133,7 @@ def _scale(mm: onnx.NodeProto, users, inits: dict[str, onnx.TensorProto]) -> flo
 
 
 def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int, rope_theta: float,
-           rope_interleaved: bool) -> onnx.ModelProto:
+           rope_interleaved: bool, rotary_dim: int | None = None) -> onnx.ModelProto:
     """Rewrite a finished SPEC 3 artifact graph (fp32, fp16, int8 or int4: the projections are found
     by the head split that follows them, whatever op they became) into the shared-buffer graph.
     Returns a new ModelProto; the input is left untouched. The cache keeps the source's type:
@@ -138,11 +141,18 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
 
     Load the source with `onnx.load(path, load_external_data=False)`: the initializers keep their
     external references into `model.onnx.data`, so the new file holds no weight bytes.
-    `max_len` is the longest context the graph serves (rows of the rotary caches).
+    `max_len` is the longest context the graph serves (rows of the rotary caches). `rotary_dim`
+    (None: the whole head) is how many features of each head RoPE rotates: the attention op rotates
+    whole heads of a multiple of 16 itself; any other model gets RotaryEmbedding nodes in front of
+    it (graphs/rotary.py) and `do_rotary=0`.
     """
-    if head_size % 16:
-        raise GQAError(f"head_size {head_size} is not a multiple of 16, which ONNX Runtime's GroupQueryAttention "
-                       "needs with rotary caches; serve this model with model.onnx")
+    rotary_dim = head_size if rotary_dim is None else int(rotary_dim)
+    if head_size % 8:
+        raise GQAError(f"head_size {head_size} is not a multiple of 8, which ONNX Runtime's GroupQueryAttention "
+                       "needs; serve this model with model.onnx")
+    if not 2 <= rotary_dim <= head_size or rotary_dim % 2:
+        raise GQAError(f"rotary_dim {rotary_dim} must be an even number in 2..{head_size} (the head size)")
+    in_op = rotary_dim == head_size and head_size % 16 == 0  # GroupQueryAttention's own rotary takes it
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -194,10 +204,16 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
             attrs["scale"] = scale
         base = f"/model/layers.{i}/attn"
         gqa_in = [q_bsd, k_bsd, v_bsd, pk, pv, SEQLENS_K, TOTAL_SEQUENCE_LENGTH]
-        if rotary[0]:
+        rot_nodes = []
+        if rotary[0] and in_op:
             attrs.update(do_rotary=1, rotary_interleaved=int(rope_interleaved))
             gqa_in += [cos_name, sin_name]
-            rotary_used = True
+        elif rotary[0]:  # rotated in front of the op, which then attends only (graphs/rotary.py)
+            for j, (x, part) in enumerate(((q_bsd, "q"), (k_bsd, "k"))):
+                rot_nodes.append(rotary_node(x, f"{base}/{part}_rotary", f"{base}/{part}_RotaryEmbedding", num_heads,
+                                             rotary_dim, rope_interleaved, cos_name, sin_name))
+                gqa_in[j] = rot_nodes[-1].output[0]
+        rotary_used |= rotary[0]
         node = helper.make_node("GroupQueryAttention", gqa_in, [y, ok, ov], domain="com.microsoft",
                                 name=f"{base}/GroupQueryAttention", **attrs)
         # the new node takes the old Reshape's place: its inputs' producers all precede that one
@@ -205,12 +221,20 @@ def to_gqa(model: onnx.ModelProto, num_heads: int, head_size: int, max_len: int,
         g.node.remove(vc)
         at = list(g.node).index(t)
         g.node[at].CopyFrom(node)
+        for r in reversed(rot_nodes):
+            g.node.insert(at, r)
 
     if rotary_used:
         # GroupQueryAttention types cos/sin like the query: float16 in an fp16 graph (computed in
         # float32, rounded once, as the fp16 converter rounds model.onnx's RotaryEmbedding caches)
-        cos, sin = (c.astype(CACHE_DTYPES[dtype]) for c in rotary_caches(head_size, rope_theta, max_len))
+        # [max_len, rotary_dim / 2]: the reference's angles over the rotated width
+        cos, sin = (c.astype(CACHE_DTYPES[dtype]) for c in rotary_caches(rotary_dim, rope_theta, max_len))
         g.initializer.extend([numpy_helper.from_array(cos, cos_name), numpy_helper.from_array(sin, sin_name)])
+        if not in_op:  # the positions GroupQueryAttention would use, from its own inputs
+            nodes, consts = position_nodes()
+            for k, n in enumerate(nodes):
+                g.node.insert(k, n)
+            g.initializer.extend(consts)
     remove_dead(g)
 
     used = {x for n in g.node for x in n.input}
@@ -293,7 +317,8 @@ def kv_params(folder: str | os.PathLike) -> dict:
     heads = int(cfg["num_attention_heads"])
     return dict(num_heads=heads, head_size=int(cfg["hidden_size"]) // heads,
                 max_len=int(cfg["max_position_embeddings"]), rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                rope_interleaved=cfg.get("rope_pairing", "rotate_half") == "interleaved")
+                rope_interleaved=cfg.get("rope_pairing", "rotate_half") == "interleaved",
+                rotary_dim=cfg.get("rotary_dim"))
 
 
 def kv_graph(folder: str | os.PathLike, **params) -> onnx.ModelProto:

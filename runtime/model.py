@@ -298,9 +298,12 @@ class Model:
 
 def _check_rotary_context(graph: SharedKVGraph, context: int) -> None:
     """model.kv.onnx bakes the rotary tables in (cos_cache [positions, rotary_dim / 2]); a longer
-    context in config.json would fail only once a generation passed the table's end."""
+    context in config.json would fail only once a generation passed the table's end. The table is
+    GroupQueryAttention's cos_cache, or RotaryEmbedding's where the graph rotates in front of it
+    (partial rotary, graphs/rotary.py)."""
     try:
-        shapes = node_input_shapes(graph.path, "GroupQueryAttention", 7)
+        shapes = node_input_shapes(graph.path, "GroupQueryAttention", 7) + \
+            node_input_shapes(graph.path, "RotaryEmbedding", 2)
     except (OSError, ProtoError) as e:
         raise RuntimeArtifactError(f"{graph.path} cannot be read as an ONNX graph ({e}); re-export the folder") from None
     for shape in shapes:

@@ -27,7 +27,7 @@ def test_variant_exports_and_passes_the_gate(name, tmp_path, bvv241_dir):
 
     cfg = tiny_config(**VARIANTS[name])
     ckpt = make_checkpoint(tmp_path / "ckpt", cfg, seed=2, tokenizer_dir=bvv241_dir)
-    out = build(ckpt, tmp_path / "art", lift_mode="arith", kv_graph=cfg.rope_dim == cfg.head_size, log=lambda m: None)
+    out = build(ckpt, tmp_path / "art", lift_mode="arith", log=lambda m: None)  # the default: the kv graph too
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parity"]["passed"] is True
     checks = {c["name"]: c for c in manifest["parity"]["checks"]}

@@ -340,8 +340,124 @@ def test_the_runtime_reads_the_cache_type_from_the_file(kv_fp32):
 def test_refuses_what_it_cannot_serve(kv_fp32):
     src = onnx.load(str(kv_fp32 / MODEL_FILE), load_external_data=False)
     p = kv_params(kv_fp32)
-    with pytest.raises(GQAError, match="multiple of 16"):
-        to_gqa(src, **{**p, "head_size": 8})
+    with pytest.raises(GQAError, match="multiple of 8"):
+        to_gqa(src, **{**p, "head_size": 12})
+    with pytest.raises(GQAError, match="rotary_dim 5 must be an even number"):
+        to_gqa(src, **{**p, "rotary_dim": 5})
     kv = onnx.load(str(kv_fp32 / KV_MODEL_FILE), load_external_data=False)
     with pytest.raises(GQAError, match="not a SPEC 3 artifact graph"):
         to_gqa(kv, **p)  # already rewritten: no attention_mask
+
+
+def _attention_graph(H: int, hs: int, max_len: int, interleaved: bool, in_op: bool) -> bytes:
+    """q, k, v -> GroupQueryAttention, rotating whole heads itself (in_op) or behind the RotaryEmbedding
+    nodes and positions of graphs/rotary.py (do_rotary=0), with the same cos/sin caches."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphs.optimize import rotary_caches
+    from graphs.rotary import position_nodes, rotary_node
+
+    f = TensorProto.FLOAT
+    cos, sin = rotary_caches(hs, 10000.0, max_len)
+    inits = [numpy_helper.from_array(cos, "cos"), numpy_helper.from_array(sin, "sin")]
+    nodes, qk = [], ["q", "k"]
+    if not in_op:
+        pos, consts = position_nodes()
+        nodes, inits = pos, inits + consts
+        nodes += [rotary_node(x, f"{x}_rot", f"{x}_rot", H, hs, interleaved, "cos", "sin") for x in qk]
+        qk = ["q_rot", "k_rot"]
+    attrs = dict(do_rotary=1, rotary_interleaved=int(interleaved)) if in_op else {}
+    extra = ["cos", "sin"] if in_op else []
+    nodes.append(helper.make_node("GroupQueryAttention", [*qk, "v", "pk", "pv", SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *extra],
+                                  ["y", "ok", "ov"], domain="com.microsoft", num_heads=H, kv_num_heads=H, **attrs))
+    ins = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["B", "S"])]
+    ins += [helper.make_tensor_value_info(x, f, ["B", "S", H * hs]) for x in "qkv"]
+    ins += [helper.make_tensor_value_info(x, f, ["B", H, "M", hs]) for x in ("pk", "pv")]
+    ins += [helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["B"]),
+            helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])]
+    outs = [helper.make_tensor_value_info(x, f, None) for x in ("y", "ok", "ov")]
+    g = helper.make_graph(nodes, "attn", ins, outs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+                             ).SerializeToString()
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_positions_are_the_ones_the_attention_op_uses(interleaved):
+    """graphs/rotary.py's positions, derived from seqlens_k / total_sequence_length, against the
+    attention op's own rotary (the oracle: ONNX Runtime's GroupQueryAttention on whole heads):
+    a right-padded first prompt of two rows, lock-step decode at two lengths, and a batch-1 prompt
+    chunk after a past. Same outputs and same cache, step after step."""
+    H, hs, M = 2, 16, 32
+    sessions = [ort.InferenceSession(_attention_graph(H, hs, M, interleaved, in_op), providers=["CPUExecutionProvider"])
+                for in_op in (True, False)]
+    rng = np.random.default_rng(7)
+
+    def run(caches, S, B, seqlens, total):
+        feed = {x: rng.standard_normal((B, S, H * hs)).astype(np.float32) for x in "qkv"}
+        feed.update({INPUT_IDS: np.zeros((B, S), np.int64), SEQLENS_K: np.asarray(seqlens, np.int32),
+                     TOTAL_SEQUENCE_LENGTH: np.asarray(total, np.int32)})
+        outs = []
+        for sess, (pk, pv) in zip(sessions, caches):
+            y, ok, ov = sess.run(None, {**feed, "pk": pk, "pv": pv})
+            outs.append(y)
+            pk[...], pv[...] = ok, ov  # shared-buffer protocol by copy (present has the buffer's length)
+        return outs
+
+    caches = [[np.zeros((2, H, M, hs), np.float32) for _ in range(2)] for _ in sessions]
+    lens = [3, 6]
+    a, b = run(caches, 6, 2, [n - 1 for n in lens], 6)  # first prompt, row 0 right-padded
+    for r, n in enumerate(lens):
+        np.testing.assert_allclose(b[r, :n], a[r, :n], atol=1e-5)
+    for _ in range(3):  # decode, each row at its own length
+        a, b = run(caches, 1, 2, lens, max(lens) + 1)
+        np.testing.assert_allclose(b, a, atol=1e-5)
+        lens = [n + 1 for n in lens]
+    (ak, av), (bk, bv) = caches
+    for r, n in enumerate(lens):
+        np.testing.assert_allclose(bk[r, :, :n], ak[r, :, :n], atol=1e-5)
+        np.testing.assert_allclose(bv[r, :, :n], av[r, :, :n], atol=1e-5)
+    solo = [[c[:1].copy() for c in cs] for cs in caches]  # row 0 alone: a chunk of 4 after its past
+    a, b = run(solo, 4, 1, [lens[0] + 3], lens[0] + 4)
+    np.testing.assert_allclose(b, a, atol=1e-5)
+    np.testing.assert_allclose(solo[1][0][:, :, :lens[0] + 4], solo[0][0][:, :, :lens[0] + 4], atol=1e-5)
+
+
+@pytest.mark.parametrize("over", [dict(rotary_dim=8), dict(rotary_dim=4, rope_pairing="interleaved"),
+                                  dict(num_attention_heads=8)])
+def test_rotary_the_op_cannot_take_is_rotated_in_front_of_it(over, tmp_path, bvv241_dir):
+    """Partial rotary (8 or 4 of 16 features) and whole heads of 8 (the op's rotary needs 16): the
+    kv graph rotates with RotaryEmbedding before GroupQueryAttention (do_rotary=0), and computes
+    what the torch reference computes (teacher forcing over a prompt and decode steps) and what
+    model.onnx computes step by step."""
+    from reference.checkpoint import load_model
+    from reference.config import tiny_config
+    from reference.factory import make_checkpoint
+
+    cfg = tiny_config(**over)
+    ckpt = make_checkpoint(tmp_path / "ckpt", cfg, seed=4)
+    from export.build import build
+
+    folder = build(ckpt, tmp_path / "art", lift_mode="arith", verify=False, kv_graph=False, log=lambda m: None)
+    write_kv_graph(folder)
+    g = onnx.load(str(folder / KV_MODEL_FILE), load_external_data=False).graph
+    rot = [n for n in g.node if n.op_type == "RotaryEmbedding"]
+    assert len(rot) == 2 * cfg.num_hidden_layers
+    assert {a.name: a.i for a in rot[0].attribute}["rotary_embedding_dim"] == cfg.rope_dim
+    assert not any(a.name == "do_rotary" and a.i for n in g.node for a in n.attribute)
+    layers, H, hs, max_len = _dims(folder)
+    kv, spec = KVStepper(folder, layers, H, hs, max_len), SpecStepper(folder, layers, H, hs)
+    prompt = _prompt(5)
+    a, b = kv.step(prompt), spec.step(prompt)
+    got, tokens = [a[0]], []
+    for _ in range(12):
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+        tokens.append(int(b[0, -1].argmax()))
+        ids = np.array([[tokens[-1]]], np.int64)
+        a, b = kv.step(ids), spec.step(ids)
+        got.append(a[0])
+    assert kv.shared
+    seq = torch.tensor(np.concatenate([prompt[0], tokens]))[None]
+    with torch.no_grad():
+        ref, _ = load_model(ckpt)(seq, torch.ones_like(seq), torch.arange(seq.shape[1])[None], None)
+    ref = ref[0].numpy()
+    assert np.abs(np.concatenate(got) - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -103,10 +103,7 @@ def test_parallel_residual_folder_exports_and_matches_its_code(tmp_path, bvv241_
 def test_partial_rotary_folder_exports_and_matches_its_code(tmp_path, bvv241_dir):
     """config.json omits rotary_pct (the code's default 0.25) and names the base as NeoX does."""
     folder = make_folder(tmp_path / "neox_rotary", bvv241_dir, use_parallel_residual=False, rotary_emb_base=500)
-    with pytest.raises(ExportError, match="partial rotary.*--no-kv-graph"):  # never a silent drop of the kv graph
-        build(folder, tmp_path / "refused", lift_mode="arith", trust_remote_code=True, log=lambda m: None)
-    assert not (tmp_path / "refused").exists()
-    out = build(folder, tmp_path / "art", lift_mode="arith", trust_remote_code=True, kv_graph=False, log=lambda m: None)
+    out = build(folder, tmp_path / "art", lift_mode="arith", trust_remote_code=True, log=lambda m: None)
     manifest = json.loads((out / "manifest.json").read_text())
     check = manifest["source"]["remote_code"]
     hs = D // HEADS
@@ -114,7 +111,9 @@ def test_partial_rotary_folder_exports_and_matches_its_code(tmp_path, bvv241_dir
     assert [s["differs_at"] for s in check["search_steps"]] == ["the lift", "layers.0's attention"]
     config = json.loads((out / "config.json").read_text())
     assert config["rotary_dim"] == hs // 4 and config["rope_theta"] == 500  # the base came from rotary_emb_base
-    assert manifest["kv_graph"]["file"] is None
+    # the default build ships the shared-cache graph: RoPE on 8 of 32 features ahead of the attention op
+    assert manifest["kv_graph"]["file"] == "model.kv.onnx" and manifest["parity"]["passed"]
+    assert manifest["kv_graph"]["rotary"].startswith("com.microsoft.RotaryEmbedding")
     assert_artifact_matches_folder(out, folder)
 
 
@@ -198,7 +197,7 @@ def test_gptj_style_folder_exports_and_matches_its_code(tmp_path, bvv241_dir):
     """One-norm parallel block (recognised from the tensors: no ln2), interleaved partial RoPE, scaled +-1 code."""
     folder = make_gptj_folder(tmp_path / "gptj", bvv241_dir)
     out = build(folder, tmp_path / "art", lift_mode="arith", trust_remote_code=True, key_map=GPTJ_KEY_MAP,
-                kv_graph=False, log=lambda m: None)  # half-head RoPE: no kv graph
+                log=lambda m: None)  # half-head interleaved RoPE: the kv graph too
     check = json.loads((out / "manifest.json").read_text())["source"]["remote_code"]
     hs = D // HEADS
     assert {k: v["now"] for k, v in check["changed"].items()} == {
@@ -207,6 +206,7 @@ def test_gptj_style_folder_exports_and_matches_its_code(tmp_path, bvv241_dir):
     assert [s["differs_at"] for s in check["search_steps"]] == ["the lift", "layers.0's attention", "layers.0's MLP"]
     config = json.loads((out / "config.json").read_text())
     assert config["parallel_residual"] is True and config["parallel_norms"] == 1 and config["attention_bias"] is False
+    assert json.loads((out / "manifest.json").read_text())["kv_graph"]["file"] == "model.kv.onnx"
     assert_artifact_matches_folder(out, folder)
 
 
