@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[cpu,export,hub,remote,dev,serve,serve-ray]'
+	$(BIN)/python -m pip install -q -e '.[cpu,export,hub,remote,dev,serve,serve-ray,eval]'
 	touch $@
 
 # The quick suite (< 20 min on 2 cores). CI also runs `make test-slow`.
