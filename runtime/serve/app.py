@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..detok import IncrementalDetokenizer
 from ..errors import RuntimeArtifactError
 from ..sampling import SamplingConfig
 from .chat import ChatRequest, ChatTemplate, Shape, completion_of, no_template
@@ -184,6 +185,10 @@ def _requests(served: _Served, body: CompletionRequest, rows: list[list[int]]) -
     check_options(body)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     longest = max(len(r) for r in rows)
+    if longest > served.max_len:
+        raise bad(f"the prompt has {longest} tokens, more than this model's maximum context length of "
+                  f"{served.max_len}: shorten the prompt (prompt logprobs are scored in one context window)",
+                  "prompt", "context_length_exceeded")
     if longest + max_tokens > served.max_len:
         raise bad(f"this model's maximum context length is {served.max_len} tokens, but the prompt has {longest} "
                   f"and max_tokens is {max_tokens}: lower max_tokens to {max(served.max_len - longest, 0)} or "
@@ -201,7 +206,8 @@ def _requests(served: _Served, body: CompletionRequest, rows: list[list[int]]) -
         for j in range(n):
             seed = None if body.seed is None else body.seed + j  # n choices of one seed differ, reproducibly
             out.append(GenRequest(prompt_ids=row, max_tokens=max_tokens, emit=lambda e: None, sampling=sampling,
-                                  seed=seed, stop=stops, logprobs=body.logprobs))
+                                  seed=seed, stop=stops, logprobs=body.logprobs,
+                                  prompt_logprobs=bool(body.echo) and body.logprobs is not None))
     return out
 
 
@@ -212,12 +218,30 @@ class _Choice:
         self.index, self.served, self.req = index, served, req
         self.text = echo
         self.tokens: list[str] = []
-        self.token_logprobs: list[float] = []
-        self.top: list[dict[str, float]] = []
+        self.token_logprobs: list[float | None] = []
+        self.top: list[dict[str, float] | None] = []
         self.offsets: list[int] = []
         self.finish: str | None = None
 
+    def add_prompt(self, ev: Event) -> None:
+        """The echoed prompt's logprobs (OpenAI's legacy shape: the first token's are null);
+        each token's offset is where its text starts in the echoed text, as the incremental
+        detokenizer splits it (a byte piece that ends inside a character starts where it is)."""
+        ids = self.req.prompt_ids
+        detok = None if self.served.tokenizer is None else IncrementalDetokenizer(self.served.tokenizer)
+        at = 0
+        for i, t in enumerate(ids):
+            self.offsets.append(at)
+            self.tokens.append(self.served.decode([t]))
+            if detok is not None:
+                at += len(detok.add(t))
+        self.token_logprobs += [None] + list(ev.prompt_logprobs or [])
+        self.top += [None] + [{self.served.decode([t]): lp for t, lp in d.items()} for d in ev.prompt_top or []]
+
     def add(self, ev: Event) -> str:
+        if ev.kind == "prompt":
+            self.add_prompt(ev)
+            return ""
         self.text += ev.text
         if self.req.logprobs is not None and ev.token is not None:
             self.offsets.append(len(self.text) - len(ev.text))
@@ -303,6 +327,8 @@ async def _complete(served: _Served, body: CompletionRequest, request: Request, 
     async def sse() -> AsyncIterator[str]:
         try:
             for c in choices:
+                if c.req.prompt_logprobs:  # the echo goes out with its logprobs, when they come
+                    continue
                 if c.text or shape.chat:  # echo; a chat stream opens each choice with the assistant's role
                     yield chunk(c, c.text, None, first=True)
             pending = len(reqs)
@@ -322,6 +348,10 @@ async def _complete(served: _Served, body: CompletionRequest, request: Request, 
                             yield "".join(out) + "data: " + json.dumps(err.body()) + "\n\n"
                             return
                         out.append(chunk(c, "", ev.finish))
+                        continue
+                    if ev.kind == "prompt":
+                        c.add(ev)
+                        out.append(chunk(c, c.text, None, c.logprobs(0), first=True))
                         continue
                     start = len(c.tokens)
                     text = c.add(ev)

@@ -10,6 +10,12 @@ sampling (runtime/sampling.py, each request with its own generator, as `Model.ge
 single prompt) and turned into text with the runtime's incremental detokenizer, with text that
 could be the start of a stop string held back, as `Model.stream` does.
 
+A request with `prompt_logprobs` (echo with logprobs) is prefilled on its own row through
+`SlotCache.extend_all` in pieces of at most `logits_rows` positions (every position's logits, cut
+down at once to the prompt token's log-probability and the top N), under the same admission and
+prefill budget as any other prompt; then it decodes in the batch like any other (max_tokens 0: it
+ends after the prompt).
+
 The HTTP side never touches ONNX Runtime: it `submit`s a GenRequest whose `emit` callback gets
 events from this thread (and must hand them over thread-safely), and `cancel`s it on disconnect.
 """
@@ -42,7 +48,9 @@ class ShuttingDownError(Exception):
 class Event:
     """What the scheduler tells a request's owner. kind "token": `text` (possibly "", when the
     text is held back or incomplete) for `token` (with `logprob`/`top` when asked for); kind
-    "done": `finish` is "stop" or "length" ("cancelled"/"error" when it did not complete)."""
+    "done": `finish` is "stop" or "length" ("cancelled"/"error" when it did not complete); kind
+    "prompt" (before any token, when prompt_logprobs was asked): `prompt_logprobs[i]` and
+    `prompt_top[i]` for prompt token i + 1 (the first token has no context)."""
 
     kind: str
     text: str = ""
@@ -51,6 +59,8 @@ class Event:
     top: dict[int, float] | None = None
     finish: str | None = None
     error: str | None = None
+    prompt_logprobs: list[float] | None = None
+    prompt_top: list[dict[int, float]] | None = None
 
 
 @dataclass(eq=False)  # identity: two requests with the same prompt and tokens are still two
@@ -62,6 +72,7 @@ class GenRequest:
     seed: int | None = None
     stop: Sequence[str] = ()
     logprobs: int | None = None  # None: none; N >= 0: the chosen token's and the top N
+    prompt_logprobs: bool = False  # the prompt tokens' too (with `logprobs`'s N): one "prompt" event
     # state (the scheduler's)
     ids: list[int] = field(default_factory=list)
     finish: str | None = None
@@ -75,10 +86,14 @@ class GenRequest:
     _emitted: int = 0
     _rng: Any = None
     _fed: int = 0  # prompt tokens in the cache (a long prompt goes in pieces)
+    _plp: list[float] = field(default_factory=list)  # prompt log-probabilities so far
+    _ptop: list[dict[int, float]] = field(default_factory=list)
 
 
 class Scheduler:
     """Owns a SlotCache; `start()` runs the loop in a daemon thread, `stop()` ends it."""
+
+    logits_rows = 128  # positions per Run of a prompt_logprobs prefill: 128 x V float32 (32 MB at V = 65536)
 
     def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 256, max_len: int | None = None,
                  metrics: Any = None, max_prefill_tokens: int | None = None, warm_up: bool = True):
@@ -226,6 +241,7 @@ class Scheduler:
     def _prefill(self, reqs: list[GenRequest], first: int | None = None) -> None:
         """New requests into the next free rows, prefilled as one batch, and their first tokens; or
         (first = n) one request's first n prompt tokens, the rest to follow in `_extend`."""
+        reqs = [r for r in reqs if not r.prompt_logprobs] + [r for r in reqs if r.prompt_logprobs]
         start = len(self._active)
         for i, req in enumerate(reqs):
             req.slot = start + i
@@ -234,6 +250,12 @@ class Scheduler:
                 req._rng = np.random.default_rng(req.seed)
             if self.tokenizer is not None:
                 req._detok = IncrementalDetokenizer(self.tokenizer)
+        scored = [r for r in reqs if r.prompt_logprobs]
+        for req in scored:
+            self._feed_scored(req, first if first is not None else len(req.prompt_ids))
+        reqs = reqs[: len(reqs) - len(scored)]
+        if not reqs:
+            return
         if first is not None:
             req = reqs[0]
             self.cache.prefill_rows(start, [req.prompt_ids[:first]])
@@ -242,14 +264,43 @@ class Scheduler:
         logits = self.cache.prefill_rows(start, [r.prompt_ids for r in reqs])
         for i, req in enumerate(reqs):
             req._fed = len(req.prompt_ids)
-            self._take(req, logits[i : i + 1])
+            self._first(req, logits[i : i + 1])
 
     def _extend(self, req: GenRequest, n: int) -> None:
         """The next n prompt tokens of a request admitted in pieces; its first token after the last."""
+        if req.prompt_logprobs:
+            self._feed_scored(req, n)
+            return
         logits = self.cache.extend(req.slot, req.prompt_ids[req._fed : req._fed + n])
         req._fed += n
         if req._fed == len(req.prompt_ids):
-            self._take(req, logits[None])
+            self._first(req, logits[None])
+
+    def _feed_scored(self, req: GenRequest, n: int) -> None:
+        """The next n prompt tokens of a prompt_logprobs request, `logits_rows` positions per Run,
+        each Run's logits reduced before the next; after the last token the "prompt" event, then
+        the first generated token (or the end, for max_tokens 0)."""
+        ids, end = req.prompt_ids, req._fed + n
+        logits = None
+        while req._fed < end:
+            c = min(self.logits_rows, end - req._fed)
+            logits = self.cache.extend_all(req.slot, ids[req._fed : req._fed + c])  # [c, V]
+            scored = min(c, len(ids) - 1 - req._fed)  # position i predicts token i + 1; the last predicts none
+            lp, top = prompt_logprobs(logits[:scored], ids[req._fed + 1 : req._fed + 1 + scored], req.logprobs or 0)
+            req._plp += lp
+            req._ptop += top
+            req._fed += c
+        if req._fed < len(ids):
+            return
+        req.emit(Event("prompt", prompt_logprobs=req._plp, prompt_top=req._ptop))
+        self._first(req, logits[-1:].copy())
+
+    def _first(self, req: GenRequest, logits: np.ndarray) -> None:
+        """The prompt is in: its first token, or (max_tokens 0, echo: the prompt alone) its end."""
+        if req.max_tokens == 0:
+            req.finish = "length"
+        else:
+            self._take(req, logits)
 
     def _step(self) -> None:
         """One decode step of every active row. A row whose prompt is still going in (in pieces)
@@ -359,3 +410,26 @@ class Scheduler:
         req.emit(Event("done", finish=req.finish, error=self.error if finish == "error" else None))
 
 
+
+
+def prompt_logprobs(logits: np.ndarray, targets: Sequence[int], n: int,
+                    rows: int = 16) -> tuple[list[float], list[dict[int, float]]]:
+    """log_softmax of each row of logits [c, V] (float64, as a generated token's, `rows` rows at a
+    time so a chunk never holds more than rows x V float64): the target token's value and the top
+    n (id -> logprob, highest first)."""
+    lps: list[float] = []
+    tops: list[dict[int, float]] = []
+    for r0 in range(0, len(targets), rows):
+        x = logits[r0 : r0 + rows].astype(np.float64)
+        x -= x.max(-1, keepdims=True)
+        x -= np.log(np.exp(x).sum(-1, keepdims=True))
+        t = np.asarray(targets[r0 : r0 + rows], np.int64)
+        lps += [float(v) for v in x[np.arange(len(t)), t]]
+        if n:
+            idx = np.argpartition(-x, n, axis=-1)[:, :n]
+            for row, ix in zip(x, idx):
+                ix = ix[np.argsort(-row[ix])]
+                tops.append({int(i): float(row[i]) for i in ix})
+        else:
+            tops += [{} for _ in t]
+    return lps, tops

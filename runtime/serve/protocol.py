@@ -63,8 +63,9 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
 
 def check_options(req: CompletionRequest) -> None:
     """Every check that needs no tokenizer, in the order of the fields."""
-    if req.max_tokens is not None and req.max_tokens < 1:
-        raise bad(f"max_tokens = {req.max_tokens} must be >= 1", "max_tokens")
+    if req.max_tokens is not None and req.max_tokens < (0 if req.echo else 1):
+        raise bad(f"max_tokens = {req.max_tokens} must be >= 1 (0 only with echo: the prompt alone, e.g. to score "
+                  "it with logprobs)", "max_tokens")
     if req.temperature is not None and not req.temperature >= 0:
         raise bad(f"temperature = {req.temperature} must be >= 0 (0 is greedy)", "temperature")
     if req.top_p is not None and not 0 < req.top_p <= 1:
@@ -82,8 +83,6 @@ def check_options(req: CompletionRequest) -> None:
         raise bad("best_of is not supported (only best_of == n); drop it", "best_of")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise bad(f"logprobs = {req.logprobs} must be in [0, {MAX_LOGPROBS}]", "logprobs")
-    if req.echo and req.logprobs is not None:
-        raise bad("echo with logprobs (prompt log-probabilities) is not supported; drop one of them", "echo")
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(req, name) not in (None, 0):
             raise bad(f"{name} is not supported by this server; leave it at 0", name)

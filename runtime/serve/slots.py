@@ -8,7 +8,8 @@ them by raw pointer without a copy:
 - `prefill_rows(start, prompts)` runs new prompts, right-padded, on rows start.. alone
   (seqlens_k[b] = len_b - 1, total_sequence_length = S: GQA's "first prompt" case), whatever the
   other rows hold; `extend(slot, ids)` adds a chunk to one row's prompt (a long prompt goes in
-  pieces between decode steps);
+  pieces between decode steps), and `extend_all` does the same returning every position's logits
+  (prompt log-probabilities);
 - `step(tokens)` runs one decode step on rows 0..k-1 at once, each at its own length
   (seqlens_k[b] = length_b, total = max + 1), as `Model.generate`'s lock-step batch does.
 
@@ -133,6 +134,26 @@ class SlotCache:
         self.sess.run_with_iobinding(b)
         self.lengths[slot] = P + C
         return b.get_outputs()[0].numpy()[0, -1].copy()
+
+    def extend_all(self, slot: int, ids: list[int]) -> np.ndarray:
+        """The next chunk of row `slot`'s prompt (its start when the row is empty), as `extend`, but
+        returning the logits of every position of the chunk [C, V] (logits_to_keep = 0): what prompt
+        log-probabilities need. The caller bounds C, since the output is C x V float32."""
+        P, C = int(self.lengths[slot]), len(ids)
+        if C < 1 or P + C > self.max_len:
+            raise ValueError(f"a chunk of {C} tokens after {P} does not fit a cache of {self.max_len}")
+        b = self.sess.io_binding()
+        b.bind_output(I.LOGITS, "cpu")
+        self._bind_rows(b, slot, 1)
+        b.bind_cpu_input(I.INPUT_IDS, np.asarray([ids], np.int64))
+        b.bind_cpu_input(I.SEQLENS_K, np.asarray([P + C - 1], np.int32))  # P = 0: GQA's first-prompt case
+        b.bind_cpu_input(I.TOTAL_SEQUENCE_LENGTH, np.asarray(P + C, np.int32))
+        if self.has_keep:
+            self._keep[0] = 0  # every position
+            b.bind_ortvalue_input(I.LOGITS_TO_KEEP, self._keep_value)
+        self.sess.run_with_iobinding(b)
+        self.lengths[slot] = P + C
+        return b.get_outputs()[0].numpy()[0]
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """One decode step of rows 0..k-1 (k = len(tokens)): each row's token goes to position
