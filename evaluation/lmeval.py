@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import lm_eval.models  # noqa: F401  (lm-eval loads its own models only while its registry is empty: load them first)
 from lm_eval import utils as lm_utils
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM

@@ -20,6 +20,7 @@ The saved model is an ordinary checkpoint; held-out perplexity is measured with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -188,7 +189,12 @@ def main(argv: list[str] | None = None) -> int:
                       num_attention_heads=args.heads, max_position_embeddings=args.context,
                       code=CodeConfig(bits=16, A=A, b=b), bos_token_id=BOS_ID, eos_token_id=EOS_ID,
                       pad_token_id=PAD_ID, input_table=args.input_table)
-    model = TableFreeLM(cfg)
+    if args.input_table:
+        with torch.random.fork_rng():  # the table's own default init must not shift the global draws...
+            model = TableFreeLM(cfg)
+        TableFreeLM(dataclasses.replace(cfg, input_table=False))  # ...which move as a table-free run's do
+    else:
+        model = TableFreeLM(cfg)
     init_weights(model, args.layers)
     if args.input_table:  # drawn after the shared tensors, so theirs equal the table-free run's
         with torch.no_grad():
