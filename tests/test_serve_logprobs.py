@@ -22,7 +22,7 @@ openai = pytest.importorskip("openai", reason="the dev extra is not installed: p
 import runtime  # noqa: E402
 from runtime.serve.app import create_app  # noqa: E402
 from runtime.serve.background import BackgroundServer  # noqa: E402
-from runtime.serve.engine import prompt_logprobs  # noqa: E402
+from runtime.serve.logprobs import prompt_logprobs, token_logprobs  # noqa: E402
 
 NAME = "demo"
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -202,3 +202,5 @@ def test_prompt_logprobs_reduces_rows_as_log_softmax():
     assert [list(t) for t in tops[:2]] == [[0, 1], [3, 2]]
     np.testing.assert_allclose(list(tops[1].values()), np.log([0.4, 0.3]), atol=1e-6)
     assert len(tops) == 18
+    lp, top = token_logprobs(logits[1], 1, 1)  # a generated token's: the same formula, the same floats
+    assert lp == lps[1] and top == {3: tops[1][3]}

@@ -26,11 +26,11 @@ from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..detok import IncrementalDetokenizer
 from ..errors import RuntimeArtifactError
 from ..sampling import SamplingConfig
 from .chat import ChatRequest, ChatTemplate, Shape, completion_of, no_template
 from .engine import Event, GenRequest, QueueFullError, Scheduler, ShuttingDownError
+from .logprobs import prompt_entries
 from .metrics import Metrics
 from .protocol import APIError, CompletionRequest, bad, check_options
 
@@ -223,24 +223,11 @@ class _Choice:
         self.offsets: list[int] = []
         self.finish: str | None = None
 
-    def add_prompt(self, ev: Event) -> None:
-        """The echoed prompt's logprobs (OpenAI's legacy shape: the first token's are null);
-        each token's offset is where its text starts in the echoed text, as the incremental
-        detokenizer splits it (a byte piece that ends inside a character starts where it is)."""
-        ids = self.req.prompt_ids
-        detok = None if self.served.tokenizer is None else IncrementalDetokenizer(self.served.tokenizer)
-        at = 0
-        for i, t in enumerate(ids):
-            self.offsets.append(at)
-            self.tokens.append(self.served.decode([t]))
-            if detok is not None:
-                at += len(detok.add(t))
-        self.token_logprobs += [None] + list(ev.prompt_logprobs or [])
-        self.top += [None] + [{self.served.decode([t]): lp for t, lp in d.items()} for d in ev.prompt_top or []]
-
     def add(self, ev: Event) -> str:
-        if ev.kind == "prompt":
-            self.add_prompt(ev)
+        if ev.kind == "prompt":  # the echoed prompt's entries come first
+            self.tokens, self.token_logprobs, self.top, self.offsets = prompt_entries(
+                self.served.tokenizer, self.served.decode, self.req.prompt_ids, ev.prompt_logprobs or [],
+                ev.prompt_top or [])
             return ""
         self.text += ev.text
         if self.req.logprobs is not None and ev.token is not None:

@@ -33,6 +33,7 @@ import numpy as np
 from ..detok import IncrementalDetokenizer
 from ..loop import held_back
 from ..sampling import SamplingConfig, choose
+from .logprobs import prompt_logprobs, token_logprobs
 from .slots import SlotCache
 
 
@@ -343,7 +344,7 @@ class Scheduler:
             req.t_first = now
         req.t_last = now
         req.ids.append(token)
-        lp, top = self._logprobs(req, logits[0], token) if req.logprobs is not None else (None, None)
+        lp, top = token_logprobs(logits[0], token, req.logprobs) if req.logprobs is not None else (None, None)
         if token in self.end_ids:  # the end token's own text is not part of the completion
             req.finish, piece = "stop", ""
         else:
@@ -357,17 +358,6 @@ class Scheduler:
             piece += req._text[req._emitted:]  # the held-back text
             req._emitted = len(req._text)
         req.emit(Event("token", piece, token, lp, top))
-
-    @staticmethod
-    def _logprobs(req: GenRequest, logits: np.ndarray, token: int) -> tuple[float, dict[int, float]]:
-        x = logits.astype(np.float64)
-        x = x - x.max()
-        logp = x - np.log(np.exp(x).sum())
-        top = {}
-        if req.logprobs:
-            idx = np.argpartition(-logp, req.logprobs)[: req.logprobs]
-            top = {int(i): float(logp[i]) for i in idx[np.argsort(-logp[idx])]}
-        return float(logp[token]), top
 
     def _text(self, req: GenRequest, token: int) -> str:
         """The new text that is safe to hand out (nothing that could begin a stop string)."""
@@ -409,27 +399,3 @@ class Scheduler:
             self.metrics.requests.labels(finish=req.finish).inc()
         req.emit(Event("done", finish=req.finish, error=self.error if finish == "error" else None))
 
-
-
-
-def prompt_logprobs(logits: np.ndarray, targets: Sequence[int], n: int,
-                    rows: int = 16) -> tuple[list[float], list[dict[int, float]]]:
-    """log_softmax of each row of logits [c, V] (float64, as a generated token's, `rows` rows at a
-    time so a chunk never holds more than rows x V float64): the target token's value and the top
-    n (id -> logprob, highest first)."""
-    lps: list[float] = []
-    tops: list[dict[int, float]] = []
-    for r0 in range(0, len(targets), rows):
-        x = logits[r0 : r0 + rows].astype(np.float64)
-        x -= x.max(-1, keepdims=True)
-        x -= np.log(np.exp(x).sum(-1, keepdims=True))
-        t = np.asarray(targets[r0 : r0 + rows], np.int64)
-        lps += [float(v) for v in x[np.arange(len(t)), t]]
-        if n:
-            idx = np.argpartition(-x, n, axis=-1)[:, :n]
-            for row, ix in zip(x, idx):
-                ix = ix[np.argsort(-row[ix])]
-                tops.append({int(i): float(row[i]) for i in ix})
-        else:
-            tops += [{} for _ in t]
-    return lps, tops
