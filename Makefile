@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup test test-slow test-all demo bench clean
+.PHONY: setup test test-slow test-all demo bench eval clean
 
 setup: $(VENV)/.installed
 
@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[cpu,export,hub,remote,dev,serve,serve-ray]'
+	$(BIN)/python -m pip install -q -e '.[cpu,export,hub,remote,dev,serve,serve-ray,eval]'
 	touch $@
 
 # The quick suite (< 20 min on 2 cores). CI also runs `make test-slow`. Every test target first
@@ -42,6 +42,15 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+
+# lm-eval on the offline tasks (evaluation/tasks): the demo artifact's scores, then the table-free model
+# against its learned-table twin trained with the same recipe (benchmarks/compare.py --eval; the twins'
+# training needs TABLEFREE_DATA, see benchmarks/RESULTS.md), accuracy, perplexity, size, RSS, speed.
+EVAL_TASKS := tablefree_mc tablefree_cloze tablefree_ppl tablefree_gen
+eval: setup
+	test -f $(DEMO_OUT)/manifest.json || $(BIN)/python -m export build --code arith --out $(DEMO_OUT)
+	$(BIN)/python -m evaluation --model tablefree-onnx --model_args path=$(DEMO_OUT) --tasks $(EVAL_TASKS)
+	$(BIN)/python benchmarks/compare.py --eval --twins
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -20,6 +20,7 @@ The saved model is an ordinary checkpoint; held-out perplexity is measured with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -80,6 +81,8 @@ def heldout_perplexity(model: TableFreeLM, ids: list[int], context: int, max_tok
 def init_weights(model: TableFreeLM, num_layers: int) -> None:
     """GPT-2 style: normal(0, 0.02), residual output projections scaled by 1/sqrt(2 L), zero biases."""
     for name, p in model.named_parameters():
+        if name.startswith("embed_tokens."):
+            continue  # the table twin's input table: drawn by the caller from its own generator
         if name.endswith(".bias"):
             nn.init.zeros_(p)
         elif "ln" in name.split(".")[-2] or name.startswith("ln_f"):
@@ -160,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop after this many steps without changing the --steps schedule "
                          "(replays a run that the time limit cut short)")
     ap.add_argument("--measure", type=int, default=0, help="only time this many steps, write nothing")
+    ap.add_argument("--input-table", action="store_true",
+                    help="train the paper's learned-input-table twin: an embed_tokens [V, d] table instead of the "
+                         "code (same seed, init of every shared tensor, data order and schedule)")
     args = ap.parse_args(argv)
 
     t_start = time.time()
@@ -182,9 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig(vocab_size=V, hidden_size=args.hidden, num_hidden_layers=args.layers,
                       num_attention_heads=args.heads, max_position_embeddings=args.context,
                       code=CodeConfig(bits=16, A=A, b=b), bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                      pad_token_id=PAD_ID)
-    model = TableFreeLM(cfg)
+                      pad_token_id=PAD_ID, input_table=args.input_table)
+    if args.input_table:
+        with torch.random.fork_rng():  # the table's own default init must not shift the global draws...
+            model = TableFreeLM(cfg)
+        TableFreeLM(dataclasses.replace(cfg, input_table=False))  # ...which move as a table-free run's do
+    else:
+        model = TableFreeLM(cfg)
     init_weights(model, args.layers)
+    if args.input_table:  # drawn after the shared tensors, so theirs equal the table-free run's
+        with torch.no_grad():
+            model.embed_tokens.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(args.seed + 1))
     full_head = model.lm_head.weight.detach().clone()
     full_head[:] = full_head[0]  # every row starts equal; used rows are re-drawn just below
     used = torch.tensor(sorted(set(train_ids)), dtype=torch.int64)

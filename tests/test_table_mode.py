@@ -4,11 +4,13 @@ compares the table's rows, and the manifest says the "no V x d table" invariant 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+ROOT = Path(__file__).resolve().parent.parent
 
 from export.build import build  # noqa: E402
 from export.errors import ExportError  # noqa: E402
@@ -105,3 +107,28 @@ def test_a_foreign_table_name_is_recognised(table_ckpt, tmp_path):
         save_file(sd, str(folder / "model.safetensors"))
         cfg, state = load_checkpoint(folder)
         assert cfg.input_table and state["embed_tokens.weight"].shape == (65536, 64)
+
+
+def test_train_input_table_twin_shares_every_other_initial_tensor(tmp_path):
+    """`reference.train --input-table` trains the learned-table twin with the table-free run's recipe:
+    with lr 0 (so nothing moves) the two checkpoints hold the same value in every tensor they share,
+    and the twin's table is the only extra tensor (the project's own task text is the corpus)."""
+    from safetensors.torch import load_file
+
+    from reference.train import main as train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(json.loads(line)["text"] for line in
+                              (ROOT / "evaluation" / "tasks" / "data" / "ppl.jsonl").read_text().splitlines()))
+    common = ["--corpus", str(corpus), "--hidden", "16", "--layers", "1", "--heads", "1", "--context", "16",
+              "--batch", "2", "--steps", "2", "--lr", "0", "--ngrams2", "8", "--ngrams3", "8", "--threads", "1"]
+    assert train(common + ["--out", str(tmp_path / "free")]) == 0
+    assert train(common + ["--out", str(tmp_path / "table"), "--input-table"]) == 0
+    free = load_file(str(tmp_path / "free" / "model.safetensors"))
+    table = load_file(str(tmp_path / "table" / "model.safetensors"))
+    assert set(table) - set(free) == {"embed_tokens.weight"} and set(free) <= set(table)
+    for name, t in free.items():
+        assert torch.equal(t, table[name]), name
+    emb = table["embed_tokens.weight"].float()
+    assert emb.shape == (65536, 16) and 0.015 < float(emb.std()) < 0.025  # normal(0, 0.02), its own generator
+    assert json.loads((tmp_path / "table" / "config.json").read_text())["input_table"] is True
