@@ -134,3 +134,53 @@ def test_runtime_refuses_a_cpu_int4_block_on_cuda(monkeypatch):
     assert why and "\n" not in why and "block 256" in why and "--provider cuda" in why
     assert cuda_block_problem({"precision": "int4", "quantization": {"bits": 4, "block_size": 128}}) is None
     assert cuda_block_problem({"precision": "int8", "quantization": {"bits": 8, "block_size": 256}}) is None
+
+
+# -- the second oracle: onnxruntime-gpu's own partitioner, run without a GPU (tests/cuda_probe) --
+
+def _placements(models: list) -> dict:
+    """ORT-GPU's "Node placements" for each model (placement.py in the cudaprobe venv, the stand-in
+    device preloaded); a missing venv skips with its make target (fails under CI), like the front ends."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    venv = Path(os.environ.get("TABLEFREE_CUDAPROBE_VENV") or root / ".venvs" / "cudaprobe")
+    lib = venv / "cudaprobe-lib"
+    if not (venv / "bin" / "python").is_file() or not (lib / "libfake_cudart.so").is_file():
+        msg = f"no cudaprobe venv at {venv}: run `make setup-cudaprobe`"
+        if os.environ.get("CI"):
+            pytest.fail(msg + "; CI must run the partitioner check")
+        pytest.skip(msg)
+    env = {**os.environ, "LD_PRELOAD": str(lib / "libfake_cudart.so"), "LD_LIBRARY_PATH": str(lib)}
+    p = subprocess.run([str(venv / "bin" / "python"), str(root / "tests" / "cuda_probe" / "placement.py"),
+                        *map(str, models)], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _names(nodes: list[str]) -> set[str]:
+    """"Op (name)" (ORT's log) and "Op name" (the checker) to the node names."""
+    return {n.split(" ", 1)[1].strip("()") for n in nodes}
+
+
+def test_ort_gpu_partitioner_agrees_with_the_checker(cuda_builds):
+    """Every graph the checker clears, ORT-GPU's partitioner places wholly on CUDA; the genai graph's
+    CPU nodes are the ones the checker names; the fp32 kv graph loses exactly its attention to the CPU."""
+    builds = cuda_builds[0]
+    models = [builds[k] / "model.onnx" for k in KINDS]
+    models += [builds[(m, "fp16")] / g for m in ("arith", "lookup") for g in ("model.kv.onnx", "model.genai.onnx")]
+    fp32_kv = builds[("arith", "fp32")] / "model.kv.onnx"
+    got = _placements([*models, fp32_kv])
+    version = next(iter(got.values()))["version"]
+    for m in models:
+        rep, placed = check_model(m), got[str(m)]
+        where = f"{m.parent.name}/{m.name} [ORT-GPU {version} partitioner vs table {SOURCE}]"
+        assert _names(placed["cpu_nodes"]) == _names(rep.cpu_nodes), where
+        if m.name != "model.genai.onnx":
+            assert list(placed["providers"]) == ["CUDAExecutionProvider"], f"{where}: {placed}"
+    placed = got[str(fp32_kv)]
+    assert {n.split()[0] for n in placed["cpu_nodes"]} == {"GroupQueryAttention"}, placed
+    assert len(placed["cpu_nodes"]) == check_model(fp32_kv).placed["com.microsoft.GroupQueryAttention"]
