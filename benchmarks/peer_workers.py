@@ -202,16 +202,22 @@ def worker_llama(args: argparse.Namespace) -> dict:
     out = {"load_s": time.perf_counter() - t0, "version": llama_cpp.__version__,
            "cache": "f32" if args.f32_cache else "f16"}
 
+    V = llm.n_vocab()
+
+    def last_argmax() -> int:
+        # Llama.eval keeps no scores without logits_all: read the last row as llama.cpp's samplers do
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(V,))))
+
     def step_prompt(ids: list[int]) -> int:
         llm.reset()
         llm.eval(ids)
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return last_argmax()
 
     def step_next(tok: int) -> int:
         llm.eval([tok])
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return last_argmax()
 
-    return {**out, **measure(step_prompt, step_next, args, llm.n_vocab())}
+    return {**out, **measure(step_prompt, step_next, args, V)}
 
 
 # -- OpenVINO -------------------------------------------------------------------------------------
