@@ -165,30 +165,55 @@ def _llama(path: str, logits_all: bool = False, f32_cache: bool = False):
                  logits_all=logits_all, verbose=False, **kw)
 
 
-def worker_llama_check(args: argparse.Namespace) -> dict:
-    """llama.cpp's logits for every position of a prompt against the PyTorch reference's."""
-    import numpy as np
+def _reference_logits(ckpt: str, ids: list[int]):
     import torch
 
     from reference.checkpoint import load_model
 
-    ids = prompt_ids(args.check_len)
     with torch.inference_mode():
-        ref = load_model(Path(args.ckpt))(torch.tensor([ids]))[0][0].numpy()
+        return load_model(Path(ckpt))(torch.tensor([ids]))[0][0].numpy()
+
+
+def logits_vs_reference(got, ref) -> dict:
+    """[S, V] logits against the reference's: max/mean |diff|, top-1 agreement, mean KL(ref || got)."""
+    import numpy as np
+
+    d = np.abs(got - ref)
+    lp_r = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
+    lp_g = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
+    kl = (np.exp(lp_r) * (lp_r - lp_g)).sum(-1)
+    return {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()), "ref_logit_std": float(ref.std()),
+            "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()), "mean_kl": float(kl.mean())}
+
+
+def worker_llama_check(args: argparse.Namespace) -> dict:
+    """llama.cpp's logits for every position of a prompt against the PyTorch reference's, with a
+    float32 and with llama.cpp's default float16 KV cache."""
+    import numpy as np
+
+    ids = prompt_ids(args.check_len)
+    ref = _reference_logits(args.ckpt, ids)
     out: dict = {"prompt_len": len(ids)}
     for f32_cache in (True, False):
         llm = _llama(args.model, logits_all=True, f32_cache=f32_cache)
         llm.eval(ids)
         got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
-        d = np.abs(got - ref)
-        lp_r = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
-        lp_g = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
-        kl = (np.exp(lp_r) * (lp_r - lp_g)).sum(-1)
-        out["f32_cache" if f32_cache else "f16_cache"] = {
-            "max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()), "ref_logit_std": float(ref.std()),
-            "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()), "mean_kl": float(kl.mean())}
+        out["f32_cache" if f32_cache else "f16_cache"] = logits_vs_reference(got, ref)
         del llm
     return out
+
+
+def worker_ours_check(args: argparse.Namespace) -> dict:
+    """The runtime's logits (model.onnx through Model.forward) on the llama check's prompt, same metrics."""
+    import numpy as np
+
+    import runtime
+
+    ids = prompt_ids(args.check_len)
+    ref = _reference_logits(args.ckpt, ids)
+    model = runtime.load(args.model, provider="cpu", threads=THREADS, graph="spec")
+    got = np.asarray(model.forward(np.array([ids], np.int64)).logits[0], dtype=np.float32)
+    return {"prompt_len": len(ids), **logits_vs_reference(got, ref)}
 
 
 def worker_llama(args: argparse.Namespace) -> dict:
@@ -245,6 +270,15 @@ def worker_openvino(args: argparse.Namespace) -> dict:
     compiled = core.compile_model(model, "CPU", cfg)
     req = compiled.create_infer_request()
     out = {"load_s": time.perf_counter() - t0, "version": ov.get_version(), "precision": args.ov_precision}
+    for prop in ("KV_CACHE_PRECISION", "INFERENCE_PRECISION_HINT", "DYNAMIC_QUANTIZATION_GROUP_SIZE"):
+        try:  # what the plugin chose (a fused stateful attention may keep its cache in 8 bits)
+            out[prop.lower()] = str(compiled.get_property(prop))
+        except RuntimeError:
+            pass
+    kinds = {str(op.get_rt_info()["layerType"].astype(str)) for op in compiled.get_runtime_model().get_ops()}
+    # whether the plugin fused attention (its SDPA node, where a u8 KV_CACHE_PRECISION applies) or runs
+    # this graph's MatMul + Softmax over a Concat-grown float32 state
+    out["fused_attention"] = sorted(k for k in kinds if "attn" in k.lower() or "sdpa" in k.lower())
     state = {"len": 0}
 
     def run(ids: list[int]) -> int:
@@ -327,7 +361,7 @@ def worker_torch_compile(args: argparse.Namespace) -> dict:
         return {**out, **measure(step_prompt, step_next, args, model.cfg.vocab_size)}
 
 
-WORKERS = {"gguf": worker_gguf, "llama_check": worker_llama_check, "llama": worker_llama,
+WORKERS = {"gguf": worker_gguf, "llama_check": worker_llama_check, "ours_check": worker_ours_check, "llama": worker_llama,
            "openvino": worker_openvino, "genai": worker_genai, "torch_compile": worker_torch_compile}
 
 

@@ -22,6 +22,7 @@ each row records the share of the CPUs other processes used while it ran (/proc/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -39,7 +40,7 @@ PEERS_PY = VENVS / "peers" / "bin" / "python"
 GENAI_PY = VENVS / "genai" / "bin" / "python"
 WORKERS = Path(__file__).resolve().parent / "peer_workers.py"
 GGUF_DIR = CACHE / "gguf"
-LLAMA_OF = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
+LLAMA_OF = {"fp32": ["F32"], "int8": ["Q8_0"], "int4": ["Q4_0", "Q4_K_M"]}  # llama.cpp's types beside each of ours
 RUNNERS = ("ours", "torch", "torch.compile", "openvino", "llama.cpp", "genai")
 
 
@@ -55,6 +56,17 @@ def run_child(cmd: list[str], what: str) -> dict:
     out["other_processes_cpu_fraction"] = round(max(0.0, (busy1[0] - busy0[0]) / hz - own) / max(total, 1e-9), 3)
     out["wall_s"] = time.perf_counter() - t0
     return out
+
+
+@contextlib.contextmanager
+def held(lock_path: str | None):
+    """flock on lock_path for the block (nothing without one): the rounds of a machine shared with other jobs."""
+    if not lock_path:
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def need(py: Path, what: str) -> None:
@@ -77,8 +89,9 @@ def plan(args: argparse.Namespace, artifacts: dict, ggufs: dict) -> list[tuple[s
         a = str(artifacts[prec])
         if "ours" in args.only:
             out.append(("ours", prec, [me, str(bench.__file__), "--worker", "ort", "--artifact", a, "--graph", "auto", *proto]))
-        if "llama.cpp" in args.only and LLAMA_OF[prec] in ggufs:
-            out.append(("llama.cpp", prec, [str(PEERS_PY), str(WORKERS), "llama", "--model", ggufs[LLAMA_OF[prec]]["path"], *proto]))
+        for q in (LLAMA_OF[prec] if "llama.cpp" in args.only else []):
+            if q in ggufs:
+                out.append((f"llama.cpp {q}", prec, [str(PEERS_PY), str(WORKERS), "llama", "--model", ggufs[q]["path"], *proto]))
         if "openvino" in args.only and prec in args.ov_precisions:
             out.append(("openvino", prec, [str(PEERS_PY), str(WORKERS), "openvino", "--model", a, *proto]))
         if "genai" in args.only:
@@ -101,9 +114,7 @@ def median_of(runs: list[dict]) -> dict:
 
 
 def label(runner: str, prec: str, results: dict) -> str:
-    if runner == "llama.cpp":
-        return f"llama.cpp {LLAMA_OF[prec]}"
-    return f"{runner} {prec}"
+    return f"{runner} ({prec} row)" if runner.startswith("llama.cpp") else f"{runner} {prec}"
 
 
 def table(results: dict) -> str:
@@ -167,6 +178,29 @@ def ours_greedy(artifacts: dict, args: argparse.Namespace) -> dict:
                            str(args.contexts[0])], "the runtime's greedy ids")
 
 
+def checks(args: argparse.Namespace, artifacts: dict) -> dict:
+    """The GGUF files (written once), then llama.cpp's and the runtime's logits against the reference."""
+    quants = [q for prec in args.precisions if prec != "fp32" for q in LLAMA_OF[prec]]
+    ggufs = ensure_gguf(quants) if "llama.cpp" in args.only else {}
+    results: dict = {"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "threads": THREADS,
+                     "gguf": ggufs, "runs": {}}
+    if ggufs:
+        results["llama_logits_check"] = {}
+        for name in ("F32", *quants):
+            log(f"peers: llama.cpp {name} logits against the PyTorch reference")
+            results["llama_logits_check"][name] = bench.run_json(
+                [str(PEERS_PY), str(WORKERS), "llama_check", "--model", ggufs[name]["path"], "--ckpt", str(bench.CKPT)],
+                f"llama.cpp {name} logits check", env=child_env(OMP_NUM_THREADS=str(THREADS)))
+            log(f"  {json.dumps(results['llama_logits_check'][name])}")
+        results["ours_logits_check"] = {}
+        for prec, a in artifacts.items():
+            results["ours_logits_check"][prec] = bench.run_json(
+                [sys.executable, str(WORKERS), "ours_check", "--model", str(a), "--ckpt", str(bench.CKPT)],
+                f"runtime {prec} logits check", env=child_env(OMP_NUM_THREADS=str(THREADS)))
+            log(f"  runtime {prec}: {json.dumps(results['ours_logits_check'][prec])}")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--precisions", nargs="+", default=list(bench.PRECISIONS), choices=bench.PRECISIONS)
@@ -188,40 +222,27 @@ def main(argv: list[str] | None = None) -> int:
         chart(results, out_path.with_suffix(".png"))
         print(table(results))
         return 0
-    bench.ensure_full_checkpoint(bench.CKPT)
-    artifacts = {prec: bench.ensure_artifact(prec, "arith") for prec in args.precisions}
-    quants = [LLAMA_OF[q] for q in args.precisions if q != "fp32"]
-    ggufs = ensure_gguf(quants) if "llama.cpp" in args.only else {}
-    results: dict = {"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "threads": THREADS,
-                     "gguf": ggufs, "runs": {}}
-    if ggufs:
-        results["llama_logits_check"] = {}
-        for name in ("F32", *quants):
-            log(f"peers: llama.cpp {name} logits against the PyTorch reference")
-            results["llama_logits_check"][name] = bench.run_json(
-                [str(PEERS_PY), str(WORKERS), "llama_check", "--model", ggufs[name]["path"], "--ckpt", str(bench.CKPT)],
-                f"llama.cpp {name} logits check", env=child_env(OMP_NUM_THREADS=str(THREADS)))
-            log(f"  {json.dumps(results['llama_logits_check'][name])}")
+    with held(args.lock):
+        bench.ensure_full_checkpoint(bench.CKPT)
+        artifacts = {prec: bench.ensure_artifact(prec, "arith") for prec in args.precisions}
+        results = checks(args, artifacts)
         if args.check_only:
             write_json(out_path, results)
             return 0
-    results["ours_ids"] = ours_greedy(artifacts, args)
+        results["ours_ids"] = ours_greedy(artifacts, args)
+    ggufs = results["gguf"]
     todo = plan(args, artifacts, ggufs)
     raw: dict[str, list[dict]] = {}
     for r in range(args.rounds):
-        lock = open(args.lock, "a") if args.lock else None
-        if lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        for runner, prec, cmd in todo:
-            log(f"peers: round {r + 1}/{args.rounds}: {runner} {prec}")
-            raw.setdefault(f"{runner}|{prec}", []).append(run_child(cmd, f"{runner} {prec}"))
-        if lock:
-            lock.close()  # releases the flock
+        with held(args.lock):
+            for runner, prec, cmd in todo:
+                log(f"peers: round {r + 1}/{args.rounds}: {runner} {prec}")
+                raw.setdefault(f"{runner}|{prec}", []).append(run_child(cmd, f"{runner} {prec}"))
         results["rounds"] = r + 1
         for key, runs in raw.items():  # written after every round: a cut run keeps what it measured
             runner, prec = key.split("|")
             med = median_of(runs)
-            med["weight_bytes"] = (ggufs[LLAMA_OF[prec]]["bytes"] if runner == "llama.cpp" else
+            med["weight_bytes"] = (ggufs[runner.split()[1]]["bytes"] if runner.startswith("llama.cpp") else
                                    weight_bytes(bench.CKPT) if runner.startswith("torch") else
                                    bench.artifact_weight_bytes(artifacts[prec]))
             results["runs"][key] = med
