@@ -65,6 +65,32 @@ OPTIMUM_PINS := 'optimum-onnx[onnxruntime]==0.1.0' optimum==2.1.0 transformers==
 
 .PHONY: setup-genai setup-optimum setup-frontends setup-cudaprobe
 
+# The CPU peers of `make bench-peers` (benchmarks/peers.py): llama.cpp through llama-cpp-python compiled
+# from its source distribution for this CPU (GGML_NATIVE; about 20 minutes on 2 cores, once: pip keeps
+# the built wheel in its cache), OpenVINO, and gguf to write the checkpoint for llama.cpp; torch (CPU
+# build) because the GGUF writer and the logits check run the reference.
+PEERS_PINS := torch==2.13.0 gguf==0.19.0 openvino==2026.4.1 tokenizers==0.23.3 numpy==2.4.6
+LLAMA_CPP_PIN := llama-cpp-python==0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_OPENMP=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+
+.PHONY: setup-peers bench-peers
+
+setup-peers: $(VENVS)/peers/.installed
+
+$(VENVS)/peers/.installed: Makefile
+	test -x $(VENVS)/peers/bin/python || $(PYTHON) -m venv $(VENVS)/peers
+	$(VENVS)/peers/bin/python -m pip install -q --upgrade pip
+	$(VENVS)/peers/bin/python -m pip install -q $(PEERS_PINS)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 nice $(VENVS)/peers/bin/python -m pip install -q \
+		--no-binary llama-cpp-python $(LLAMA_CPP_PIN)
+	touch $@
+
+# Same weights in llama.cpp, OpenVINO, torch.compile and onnxruntime-genai beside the runtime (about
+# 30 minutes on 2 cores: 3 interleaved rounds; the GGUF files are written once under benchmarks/cache).
+bench-peers: setup setup-peers setup-genai
+	$(BIN)/python benchmarks/peers.py
+
 setup-genai: $(VENVS)/genai/.installed
 setup-optimum: $(VENVS)/optimum/.installed
 setup-cudaprobe: $(VENVS)/cudaprobe/.installed
