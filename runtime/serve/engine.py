@@ -31,11 +31,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..detok import IncrementalDetokenizer
-from ..loop import held_back
 from ..sampling import SamplingConfig, choose
 from .logprobs import prompt_logprobs, token_logprobs
 from .prefix import Hit, PrefixCache
 from .slots import SlotCache
+from .stops import StopScanner
 
 
 class QueueFullError(Exception):
@@ -92,6 +92,11 @@ class GenRequest:
     _ptop: list[dict[int, float]] = field(default_factory=list)
     cached: int = 0  # prompt tokens copied from the prefix cache instead of prefilled
     _hit: Any = None  # a Hit of the prefix cache found at admission (prefix.py)
+    _stops: StopScanner | None = None
+
+    def __post_init__(self) -> None:
+        # built here, on the submitting side: a bad stop list fails its caller, not the scheduler thread
+        self._stops = StopScanner(self.stop) if self.stop else None
 
 
 class Scheduler:
@@ -411,17 +416,16 @@ class Scheduler:
         piece = req._detok.add(token)
         if not piece:
             return ""
-        start = max(0, len(req._text) - max((len(s) for s in req.stop), default=0) + 1)
         req._text += piece
-        if req.stop:
-            hits = [k for k in (req._text.find(s, start) for s in req.stop) if k >= 0]
-            if hits:
-                req._text = req._text[: min(hits)]
+        end = len(req._text)
+        if req._stops is not None:  # (stops.py: the cost per token does not grow with the stops' length)
+            begin = req._stops.feed(piece)
+            if begin is not None:
+                req._text = req._text[:begin]
                 req.finish = "stop"
-                out = req._text[req._emitted:]
-                req._emitted = len(req._text)
-                return out
-        end = len(req._text) - held_back(req._text, req.stop)
+                end = begin
+            else:
+                end -= req._stops.held
         out = req._text[req._emitted:end] if end > req._emitted else ""
         req._emitted = max(req._emitted, end)
         return out
