@@ -11,6 +11,8 @@ Ray Serve scale-out needs `serve-ray`. Nothing here is imported by `import runti
     chat.py       /v1/chat/completions: the artifact's chat template, the chat request and shapes
     metrics.py    Prometheus metrics
     background.py a server in a thread of this process (tests, benchmarks)
+    options.py    the `serve` flags and the ServeOptions they become (one object for the process or each Ray replica)
+    stops.py      stop strings matched as text arrives, at a cost per character (KMP)
     cli.py        the `serve` subcommand (uvicorn, or Ray Serve with --ray)
     ray_app.py    the Ray Serve deployment
 """

@@ -12,6 +12,7 @@ The app is built by `create_app(model, ...)` and owns its scheduler through the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -29,10 +30,11 @@ from ..errors import RuntimeArtifactError
 from ..sampling import SamplingConfig
 from .chat import ChatRequest, ChatTemplate, Shape, completion_of, no_template
 from .engine import Event, GenRequest, QueueFullError, Scheduler, ShuttingDownError
-from .guard import DEFAULT_MAX_BODY_BYTES, Guard, chars_per_token, check_chars, parse_body
+from .guard import Guard, chars_per_token, check_chars, parse_body
 from .logprobs import prompt_entries
 from .metrics import Metrics
-from .prefix import DEFAULT_BLOCK, DEFAULT_MAX_BYTES, PrefixCache
+from .options import AppOptions, ServeOptions
+from .prefix import PrefixCache
 from .protocol import APIError, CompletionRequest, bad, check_options
 
 DISCONNECT_POLL_S = 0.05
@@ -106,19 +108,25 @@ class _Served:
         return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def create_app(model: Any, name: str | None = None, max_batch: int = 8, max_queue: int = 256,
-               max_len: int | None = None, max_prefill_tokens: int | None = None, api_key: str | None = None,
-               max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES, prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
-               prefix_block: int = DEFAULT_BLOCK) -> FastAPI:
-    """An app serving `model` (a loaded runtime Model with a model.kv.onnx session); the
-    scheduler's knobs are Scheduler's; api_key / max_body_bytes: guard.Guard's (None: no key / no
-    limit); prefix_cache_bytes: the prefix cache's bound (0: no prefix reuse), in blocks of
-    prefix_block tokens (prefix.py)."""
-    metrics = Metrics(max_batch)
-    prefix = PrefixCache(prefix_block, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-    scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, max_len=max_len, metrics=metrics,
-                          max_prefill_tokens=max_prefill_tokens, prefix_cache=prefix)
-    served = _Served(model, name or model.info.folder.name, scheduler, metrics)
+def build_server(options: ServeOptions) -> tuple[Any, FastAPI]:
+    """(model, app): the artifact loaded on model.kv.onnx as `options` say, and create_app's app
+    serving it; what the single process (cli.py) and each Ray replica (ray_app.py) run alike."""
+    from .. import load
+
+    model = load(options.model, provider=options.provider, threads=options.threads, graph="kv")
+    return model, create_app(model, options.app)
+
+
+def create_app(model: Any, options: AppOptions | None = None, **kw: Any) -> FastAPI:
+    """An app serving `model` (a loaded runtime Model with a model.kv.onnx session) with `options`
+    (options.AppOptions: one object, so the CLI and every Ray replica configure it alike), or with
+    AppOptions' fields as keywords (`create_app(model, name="demo", max_batch=4)`), which override."""
+    o = dataclasses.replace(options or AppOptions(), **kw)
+    metrics = Metrics(o.max_batch)
+    prefix = PrefixCache(o.prefix_block, o.prefix_cache_bytes) if o.prefix_cache_bytes > 0 else None
+    scheduler = Scheduler(model, max_batch=o.max_batch, max_queue=o.max_queue, max_len=o.max_len, metrics=metrics,
+                          max_prefill_tokens=o.max_prefill_tokens, prefix_cache=prefix)
+    served = _Served(model, o.name or model.info.folder.name, scheduler, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -131,7 +139,7 @@ def create_app(model: Any, name: str | None = None, max_batch: int = 8, max_queu
 
     app = FastAPI(title="tablefree-onnx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.served = served
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes,
+    app.add_middleware(Guard, api_key=o.api_key, max_body_bytes=o.max_body_bytes,
                        on_refuse=lambda status: metrics.rejected.labels(status=str(status)).inc())
 
     @app.exception_handler(APIError)
