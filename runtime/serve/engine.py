@@ -18,6 +18,8 @@ ends after the prompt).
 
 The HTTP side never touches ONNX Runtime: it `submit`s a GenRequest whose `emit` callback gets
 events from this thread (and must hand them over thread-safely), and `cancel`s it on disconnect.
+What a request is and what it makes of each token chosen for it (its text, stop strings, finish,
+events) is request.py's; this file decides when and in which row it runs.
 """
 from __future__ import annotations
 
@@ -25,73 +27,18 @@ import collections
 import itertools
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..detok import IncrementalDetokenizer
-from ..loop import held_back
-from ..sampling import SamplingConfig, choose
-from .logprobs import prompt_logprobs, token_logprobs
+from ..sampling import choose
+from .logprobs import prompt_logprobs
 from .prefix import Hit, PrefixCache
+from .request import Event, GenRequest, QueueFullError, ShuttingDownError
 from .slots import SlotCache
 
-
-class QueueFullError(Exception):
-    """More requests wait than the server's queue holds (HTTP 429)."""
-
-
-class ShuttingDownError(Exception):
-    """The scheduler stopped or is stopping (HTTP 503)."""
-
-
-@dataclass
-class Event:
-    """What the scheduler tells a request's owner. kind "token": `text` (possibly "", when the
-    text is held back or incomplete) for `token` (with `logprob`/`top` when asked for); kind
-    "done": `finish` is "stop" or "length" ("cancelled"/"error" when it did not complete); kind
-    "prompt" (before any token, when prompt_logprobs was asked): `prompt_logprobs[i]` and
-    `prompt_top[i]` for prompt token i + 1 (the first token has no context)."""
-
-    kind: str
-    text: str = ""
-    token: int | None = None
-    logprob: float | None = None
-    top: dict[int, float] | None = None
-    finish: str | None = None
-    error: str | None = None
-    prompt_logprobs: list[float] | None = None
-    prompt_top: list[dict[int, float]] | None = None
-
-
-@dataclass(eq=False)  # identity: two requests with the same prompt and tokens are still two
-class GenRequest:
-    prompt_ids: list[int]
-    max_tokens: int
-    emit: Callable[[Event], None]
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    seed: int | None = None
-    stop: Sequence[str] = ()
-    logprobs: int | None = None  # None: none; N >= 0: the chosen token's and the top N
-    prompt_logprobs: bool = False  # the prompt tokens' too (with `logprobs`'s N): one "prompt" event
-    # state (the scheduler's)
-    ids: list[int] = field(default_factory=list)
-    finish: str | None = None
-    slot: int = -1
-    cancelled: bool = False
-    t_submit: float = 0.0
-    t_first: float | None = None
-    t_last: float | None = None
-    _detok: Any = None
-    _text: str = ""
-    _emitted: int = 0
-    _rng: Any = None
-    _fed: int = 0  # prompt tokens in the cache (a long prompt goes in pieces)
-    _plp: list[float] = field(default_factory=list)  # prompt log-probabilities so far
-    _ptop: list[dict[int, float]] = field(default_factory=list)
-    cached: int = 0  # prompt tokens copied from the prefix cache instead of prefilled
-    _hit: Any = None  # a Hit of the prefix cache found at admission (prefix.py)
+__all__ = ["Event", "GenRequest", "QueueFullError", "Scheduler", "ShuttingDownError"]  # (request.py's: their old home)
 
 
 class Scheduler:
@@ -375,7 +322,8 @@ class Scheduler:
             self.metrics.step_seconds.observe(time.perf_counter() - t0)
 
     def _take(self, req: GenRequest, logits: np.ndarray, token: int | None = None) -> None:
-        """Choose the request's next token from its logits [1, V] and hand out its text."""
+        """Choose the request's next token from its logits [1, V] (unless given: greedy rows are
+        chosen for the whole batch at once), time it, and hand it to the request."""
         if token is None:
             token = int(choose(logits, None, req.sampling, req._rng)[0])
         now = time.perf_counter()
@@ -388,43 +336,7 @@ class Scheduler:
         if req.t_first is None:
             req.t_first = now
         req.t_last = now
-        req.ids.append(token)
-        lp, top = token_logprobs(logits[0], token, req.logprobs) if req.logprobs is not None else (None, None)
-        if token in self.end_ids:  # the end token's own text is not part of the completion
-            req.finish, piece = "stop", ""
-        else:
-            piece = self._text(req, token)
-            if req.finish is None and (len(req.ids) >= req.max_tokens or
-                                       len(req.prompt_ids) + len(req.ids) >= self.max_len):
-                req.finish = "length"
-        if req.finish is not None and req._detok is not None:
-            if req.finish == "length" or token in self.end_ids:  # not a stop string: no stop can follow
-                req._text += req._detok.flush()
-            piece += req._text[req._emitted:]  # the held-back text
-            req._emitted = len(req._text)
-        req.emit(Event("token", piece, token, lp, top))
-
-    def _text(self, req: GenRequest, token: int) -> str:
-        """The new text that is safe to hand out (nothing that could begin a stop string)."""
-        if req._detok is None:
-            return ""
-        piece = req._detok.add(token)
-        if not piece:
-            return ""
-        start = max(0, len(req._text) - max((len(s) for s in req.stop), default=0) + 1)
-        req._text += piece
-        if req.stop:
-            hits = [k for k in (req._text.find(s, start) for s in req.stop) if k >= 0]
-            if hits:
-                req._text = req._text[: min(hits)]
-                req.finish = "stop"
-                out = req._text[req._emitted:]
-                req._emitted = len(req._text)
-                return out
-        end = len(req._text) - held_back(req._text, req.stop)
-        out = req._text[req._emitted:end] if end > req._emitted else ""
-        req._emitted = max(req._emitted, end)
-        return out
+        req.add_token(token, logits, self.end_ids, self.max_len)
 
     def _end(self, req: GenRequest, finish: str, leave: bool = True) -> None:
         """Free the request's slot (moving the last active request into it) and tell its owner."""

@@ -11,7 +11,12 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_N = 16  # choices per prompt
-MAX_STOP = 16
+# Stop strings: OpenAI's limit on how many (clients written for it send no more), and a length far
+# above real ones (lm-eval's longest task `until` is 40 characters; chat end markers are ~10) that
+# bounds what a stream holds back (a text that could begin a stop is not sent until it cannot) and
+# the per-request set-up of stops.StopScanner, whose per-token cost does not grow with the length.
+MAX_STOP = 4
+MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 20
 
 
@@ -74,9 +79,14 @@ def check_options(req: CompletionRequest) -> None:
         raise bad(f"top_k = {req.top_k} must be >= 0 (0 turns it off)", "top_k")
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stops) > MAX_STOP:
-        raise bad(f"stop has {len(stops)} strings; at most {MAX_STOP}", "stop")
+        raise bad(f"stop has {len(stops)} strings; this server takes at most {MAX_STOP} (as OpenAI does): "
+                  "drop some", "stop")
     if any(s == "" for s in stops):
         raise bad("an empty stop string would stop at once; remove it", "stop")
+    longest = max(stops, key=len, default="")
+    if len(longest) > MAX_STOP_CHARS:
+        raise bad(f"stop string {stops.index(longest)} has {len(longest)} characters; this server takes at most "
+                  f"{MAX_STOP_CHARS} per stop string: shorten it", "stop")
     if req.n is not None and not 1 <= req.n <= MAX_N:
         raise bad(f"n = {req.n} must be in [1, {MAX_N}]", "n")
     if req.best_of is not None and req.best_of != (req.n or 1):
