@@ -56,7 +56,7 @@ def test_the_scanner_agrees_with_the_generate_loop(alphabet):
 
 def test_the_scanners_cost_per_token_does_not_grow_with_the_stops_length():
     """The case that cost held_back 1.6-7 ms a token: long stops over text made of their own
-    characters. Per 4-character piece, 4 stops of MAX_STOP_CHARS and of 100 times that cost alike."""
+    characters. Per 4-character piece, MAX_STOP stops of MAX_STOP_CHARS and of 100 times that cost alike."""
     rng = random.Random(0)
 
     def per_piece(length: int) -> float:
@@ -72,7 +72,7 @@ def test_the_scanners_cost_per_token_does_not_grow_with_the_stops_length():
 
     short, long = min(per_piece(MAX_STOP_CHARS) for _ in range(3)), min(per_piece(100 * MAX_STOP_CHARS) for _ in range(3))
     assert long < 3 * short + 20e-6, (short, long)
-    assert short < 200e-6, short  # (about 10 us here; held_back took ~300 us at this size)
+    assert short < 500e-6, short  # (about 10 us per 4 stops here; held_back took ~300 us for 4 at this size)
 
 
 def test_an_empty_stop_is_refused_before_the_scheduler():
