@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference.data import DEMO_MODEL_DIR
+from reference.data import DATA_ENV, DEMO_MODEL_DIR
 
 FOLDER = DEMO_MODEL_DIR
 pytestmark = pytest.mark.skipif(not (FOLDER / "model.safetensors").is_file(),
@@ -179,7 +179,7 @@ def corpus(tmp_path_factory):
 def test_train_script_names_missing_data(monkeypatch, tmp_path, capsys):
     from reference.train import main
 
-    monkeypatch.setenv("TABLEFREE_DATA", str(tmp_path))
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
     assert main(["--out", str(tmp_path / "out"), "--measure", "1"]) == 2
     assert "tinyshakespeare.txt" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from reference.data import MissingDataError, shared_data_file
+from reference.data import DATA_ENV, MissingDataError, shared_data_file
 from reference.tokenizer import (
     build_bvv241,
     build_corpus_tokenizer,
@@ -40,7 +40,7 @@ def covered(cp: int) -> bool:
 
 
 def raw_ngrams_file():
-    """The raw n-gram list (not in the repository): None without TABLEFREE_DATA."""
+    """The raw n-gram list (not in the repository): None when the data folder (DATA_ENV) lacks it."""
     try:
         return shared_data_file("bvv241/ngrams-2-3.txt")
     except MissingDataError:
@@ -186,8 +186,8 @@ def test_save_load_round_trip(tok, tmp_path):
 
 def test_bvv241_rebuild_follows_spec4_and_equals_the_committed_files(tmp_path):
     """The builder on an n-gram file in the raw list's format (always: a synthetic one) puts SPEC 4's
-    n-grams, derived here independently, at SPEC 4's ids; with the raw list itself (TABLEFREE_DATA,
-    as CI sets it) the rebuild is byte for byte the committed tokenizer."""
+    n-grams, derived here independently, at SPEC 4's ids; with the raw list itself (the data
+    folder DATA_ENV names, as CI sets it) the rebuild is byte for byte the committed tokenizer."""
     synthetic = synthetic_ngrams_file(tmp_path / "ngrams.txt")
     derived = spec_ngrams_from(synthetic)
     built = {i: s for s, i in build_bvv241(synthetic).get_vocab().items()}
@@ -209,7 +209,7 @@ def test_bvv241_rebuild_follows_spec4_and_equals_the_committed_files(tmp_path):
 
 
 def test_missing_data_names_the_file(monkeypatch, tmp_path):
-    monkeypatch.setenv("TABLEFREE_DATA", str(tmp_path))
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
     with pytest.raises(MissingDataError, match="ngrams-2-3.txt"):
         build_bvv241()
 
