@@ -51,7 +51,8 @@ def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
     """Insert Slice(hidden, -logits_to_keep:) in front of the final norm; in place, returned.
 
     Finds the head as the node producing `logits` and the final norm as the norm node feeding it
-    (directly, or through the RMSNorm's elementwise tail); refuses a graph of another shape.
+    (directly, or through a norm bias Add); refuses a graph of another shape. A traced RMSNorm must
+    be fused first (graphs/rmsnorm.fuse_rmsnorm): its decomposition reads the hidden state twice.
     """
     g = model.graph
     if any(i.name == LOGITS_TO_KEEP for i in g.input):
@@ -67,13 +68,14 @@ def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
     node = prod.get(head.input[0])
     seen = 0
     while node is not None and node.op_type not in _NORMS and seen < 8:
-        # RMSNorm traced as Pow/ReduceMean/Add/Sqrt/Div/Mul: follow the first non-constant input
+        # a norm bias Add (RMSNorm's op has no bias input): follow the computed input
         consts = {t.name for t in g.initializer}
         nxt = [i for i in node.input if i and i not in consts]
         node = prod.get(nxt[0]) if nxt else None
         seen += 1
     if node is None or node.op_type not in _NORMS:
-        raise OptimizeError("no LayerNormalization found in front of the head; the final norm is not a fused op here")
+        raise OptimizeError(f"no final norm ({' / '.join(_NORMS)}) found in front of the head; a traced RMSNorm "
+                            "must be fused first (graphs.rmsnorm.fuse_rmsnorm)")
     hidden = node.input[0]
     kept = f"{PREFIX}/hidden"
     neg = f"{PREFIX}/start"
