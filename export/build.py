@@ -323,6 +323,12 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
         raise ExportError(f"cannot build {KV_MODEL_FILE}: ONNX Runtime's GroupQueryAttention takes heads of a "
                           f"multiple of 8 features and this model's are {cfg.head_size}; pass --no-kv-graph "
                           f"(the runtime then serves every call with {MODEL_FILE})")
+    if verify:  # before the long stages: the gate's sequences must fit in the context
+        from .floors import context_too_short
+
+        short = context_too_short(cfg.max_position_embeddings)
+        if short is not None:
+            raise ExportError(short)
     del lm  # the trace runs in a child process and the gate reloads the reference (export_isolated)
     log(f"[export] model {folder} (V {cfg.vocab_size}, d {cfg.hidden_size}, {cfg.num_hidden_layers} layers) "
         f"-> {out} [{lift_mode}, {precision}, opset {opset}]")
