@@ -19,6 +19,7 @@ from pathlib import Path
 from runtime.interface import DATA_FILE, KV_MODEL_FILE, MODEL_FILE, PRECISIONS
 
 from .errors import ExportError
+from .floors import context_too_short
 from .graph import apply_overrides, export_isolated, load_reference
 from .progress import Stages
 from .trace import DEFAULT_OPSET
@@ -323,6 +324,8 @@ def build(model: str | os.PathLike | None, out: str | os.PathLike | None = None,
         raise ExportError(f"cannot build {KV_MODEL_FILE}: ONNX Runtime's GroupQueryAttention takes heads of a "
                           f"multiple of 8 features and this model's are {cfg.head_size}; pass --no-kv-graph "
                           f"(the runtime then serves every call with {MODEL_FILE})")
+    if verify and context_too_short(cfg.max_position_embeddings):  # before the long stages, as above
+        raise ExportError(context_too_short(cfg.max_position_embeddings))
     del lm  # the trace runs in a child process and the gate reloads the reference (export_isolated)
     log(f"[export] model {folder} (V {cfg.vocab_size}, d {cfg.hidden_size}, {cfg.num_hidden_layers} layers) "
         f"-> {out} [{lift_mode}, {precision}, opset {opset}]")

@@ -42,6 +42,26 @@ FLOORS: dict[str, dict[str, float]] = {
 FP32_REL_TOL = 1e-4
 # SPEC 5: greedy generation must be token-exact for at least this many new tokens (fp32).
 GREEDY_TOKENS = 64
+PROMPT_TOKENS = 8  # the greedy check's prompt (gate_reference.gate_inputs)
+# The shortest context the gate checks: the padded-row checks need 9 + 16 positions, and an 8-token
+# prompt leaves 24 greedy tokens and 24 held-out positions a row, the least that still says much.
+MIN_GATE_CONTEXT = 32
+
+
+def greedy_tokens(context: int) -> int:
+    """New tokens the greedy checks decode: SPEC 5's GREEDY_TOKENS, or all that fit after the prompt
+    in a shorter context (a position past it has no rotary angle in the graph: ORT refuses it)."""
+    return min(GREEDY_TOKENS, context - PROMPT_TOKENS)
+
+
+def context_too_short(context: int) -> str | None:
+    """Why the gate cannot check a model of this context length, or None when it can."""
+    if context >= MIN_GATE_CONTEXT:
+        return None
+    return (f"max_position_embeddings = {context} is below {MIN_GATE_CONTEXT}, the shortest context the parity gate "
+            f"checks (a prompt of {PROMPT_TOKENS} tokens, then {MIN_GATE_CONTEXT - PROMPT_TOKENS} greedy tokens and "
+            f"held-out positions); pass --no-verify to export it unchecked (the manifest says so), or export a "
+            f"checkpoint with max_position_embeddings >= {MIN_GATE_CONTEXT}")
 
 
 def floors_for(precision: str) -> dict[str, float]:

@@ -16,7 +16,7 @@ import torch
 from reference.config import ModelConfig
 from reference.model import TableFreeLM
 
-from .floors import GREEDY_TOKENS
+from .floors import PROMPT_TOKENS, greedy_tokens
 from .gate_report import Laps
 from .progress import Bar, NoBar
 
@@ -27,12 +27,19 @@ def ref_logits(lm: TableFreeLM, ids: np.ndarray, mask: np.ndarray | None = None)
     return lm(ids_t, attention_mask=mask_t)[0].float().numpy()
 
 
-HELD_ROWS, HELD_LEN = 4, 64  # held-out text: rows x positions
+HELD_ROWS, HELD_LEN = 4, 64  # held-out text: rows x positions (fewer positions in a short context: held_len)
 HELD_SEED = 1234
 
 
-def heldout_text(folder: Path, vocab_size: int, log: Callable[[str], None] = lambda m: None) -> np.ndarray | None:
-    """Tail 10% of tinyshakespeare through the artifact's tokenizer, [HELD_ROWS, HELD_LEN]; None
+def held_len(context: int) -> int:
+    """Positions a held-out row has: HELD_LEN, or what fits beside the greedy prompt in a shorter
+    context (the artifact proposes both in one lock-step batch, export/verify_draft.py)."""
+    return min(HELD_LEN, context - PROMPT_TOKENS)
+
+
+def heldout_text(folder: Path, vocab_size: int, log: Callable[[str], None] = lambda m: None,
+                 length: int = HELD_LEN) -> np.ndarray | None:
+    """Tail 10% of tinyshakespeare through the artifact's tokenizer, [HELD_ROWS, length]; None
     when the data or a tokenizer is missing (the held-out text is then sampled from the reference)."""
     try:
         from reference.data import shared_data_file
@@ -45,22 +52,22 @@ def heldout_text(folder: Path, vocab_size: int, log: Callable[[str], None] = lam
             tail = text[int(len(text) * 0.9):]
             ids = Tokenizer.from_file(str(tok_path)).encode(tail).ids
             ids = [t for t in ids if 0 <= t < vocab_size]
-            if len(ids) >= HELD_ROWS * HELD_LEN:
-                return np.array(ids[: HELD_ROWS * HELD_LEN], np.int64).reshape(HELD_ROWS, HELD_LEN)
+            if len(ids) >= HELD_ROWS * length:
+                return np.array(ids[: HELD_ROWS * length], np.int64).reshape(HELD_ROWS, length)
     except Exception as e:  # missing data or tokenizer: fall back, say so
         log(f"  held-out text unavailable ({type(e).__name__}); sampling sequences from the fp32 reference")
     return None
 
 
-def held_plan(vocab_size: int) -> tuple[np.ndarray, torch.Tensor]:
+def held_plan(vocab_size: int, length: int = HELD_LEN) -> tuple[np.ndarray, torch.Tensor]:
     """The randomness of the sampled held-out text, drawn in advance: the first token of each row
-    [HELD_ROWS] and, per later position, the Exp(1) noise [HELD_LEN - 1, HELD_ROWS, V] that
+    [HELD_ROWS] and, per later position, the Exp(1) noise [length - 1, HELD_ROWS, V] that
     `torch.multinomial(probs, 1, generator)` draws from the same seeded generator (it samples as
     argmax(probs / noise)). So the text is exactly what the gate always sampled, and it is a
     function of the logits alone: whoever proposes it (export/verify_draft.py), the reference decides."""
     g = torch.Generator().manual_seed(HELD_SEED)
     first = torch.randint(0, vocab_size, (HELD_ROWS, 1), generator=g)[:, 0].numpy()
-    noise = torch.stack([torch.empty(HELD_ROWS, vocab_size).exponential_(1, generator=g) for _ in range(HELD_LEN - 1)])
+    noise = torch.stack([torch.empty(HELD_ROWS, vocab_size).exponential_(1, generator=g) for _ in range(length - 1)])
     return first, noise
 
 
@@ -77,13 +84,13 @@ def draw(logits: np.ndarray, noise: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def sample_from(lm: TableFreeLM, prefix: np.ndarray, noise: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Continue the rows of `prefix` [HELD_ROWS, k] to HELD_LEN tokens, drawing with `noise` (held_plan) through the KV cache;
-    returns the ids [B, HELD_LEN] and the reference logits at every position [B, HELD_LEN, V]."""
-    B = prefix.shape[0]
+    """Continue the rows of `prefix` [HELD_ROWS, k] to len(noise) + 1 tokens, drawing with `noise` (held_plan) through
+    the KV cache; returns the ids [B, length] and the reference logits at every position [B, length, V]."""
+    B, length = prefix.shape[0], noise.shape[0] + 1
     logits, past = lm(torch.from_numpy(prefix.astype(np.int64)))
     seen = [logits.float().numpy()]
     ids = prefix.astype(np.int64)
-    while ids.shape[1] < HELD_LEN:
+    while ids.shape[1] < length:
         t = ids.shape[1]
         nxt = draw(seen[-1][:, -1], noise[t - 1])
         ids = np.concatenate([ids, nxt[:, None]], axis=1)
@@ -103,26 +110,28 @@ def heldout_tokens(lm: TableFreeLM, folder: Path, log: Callable, proposal: np.nd
                    ) -> tuple[np.ndarray, str, np.ndarray | None, int]:
     """(ids, source, logits, positions accepted from `proposal`): the tinyshakespeare tail
     (logits None: the caller computes them), else text sampled from the reference with
-    `held_plan`'s randomness, with its reference logits [HELD_ROWS, HELD_LEN, V].
+    `held_plan`'s randomness, with its reference logits [HELD_ROWS, length, V]; rows of
+    held_len(context) positions.
 
     Sampling is sequential: 63 steps of the whole model. A `proposal` (the same sampling run on the
     artifact) turns that into one forward pass: the reference computes its logits for the proposed
     rows and draws each next token with the same noise; where every draw agrees, the proposal is
     exactly the reference's sample. From the first position where one does not, sampling goes on
     in the reference from the agreed prefix, as without a proposal."""
-    ids = heldout_text(folder, lm.cfg.vocab_size, log)
+    length = held_len(lm.cfg.max_position_embeddings)
+    ids = heldout_text(folder, lm.cfg.vocab_size, log, length)
     if ids is not None:
         return ids, "tinyshakespeare tail 10%", None, 0
     V = lm.cfg.vocab_size
     source = "sampled from the fp32 reference"
-    first, noise = held_plan(V)
+    first, noise = held_plan(V, length)
     prefix = first[:, None]
-    if proposal is not None and proposal.shape == (HELD_ROWS, HELD_LEN) and np.array_equal(proposal[:, :1], prefix):
+    if proposal is not None and proposal.shape == (HELD_ROWS, length) and np.array_equal(proposal[:, :1], prefix):
         logits = ref_logits(lm, proposal)
-        picks = np.stack([draw(logits[:, t], noise[t]) for t in range(HELD_LEN - 1)], axis=1)
+        picks = np.stack([draw(logits[:, t], noise[t]) for t in range(length - 1)], axis=1)
         k = first_disagreement(picks, proposal[:, 1:])
         if k is None:
-            return proposal.astype(np.int64), source, logits, HELD_LEN
+            return proposal.astype(np.int64), source, logits, length
         del logits
         prefix = proposal[:, : k + 1]  # what the reference itself draws up to here
     ids, logits = sample_from(lm, prefix, noise)
@@ -156,7 +165,7 @@ def gate_inputs(vocab_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
     V = vocab_size
     batch_ids = rng.integers(0, V, size=(2, 12))
     seq_ids = rng.integers(0, V, size=(1, 16))
-    prompt = [int(x) for x in rng.integers(0, V, size=8)]
+    prompt = [int(x) for x in rng.integers(0, V, size=PROMPT_TOKENS)]
     padded_rows = [[int(x) for x in rng.integers(0, V, size=n)] for n in (5, 9)]
     return batch_ids, seq_ids, prompt, padded_rows
 
@@ -172,20 +181,21 @@ class Proposal:
 
 
 def reference_greedy(lm: TableFreeLM, prompt: list[int], proposal: list[int] | None) -> tuple[list[int], int]:
-    """(the reference's greedy continuation of `prompt`, GREEDY_TOKENS tokens; how many of
+    """(the reference's greedy continuation of `prompt`, greedy_tokens(context) tokens; how many of
     `proposal` it accepted). With a proposal: one forward pass over prompt + proposal gives the
     reference's next-token logits after every proposed prefix; the continuation is the proposal up
     to the first position whose argmax differs, then reference.generate.generate from there."""
     from reference.generate import generate
 
+    n = greedy_tokens(lm.cfg.max_position_embeddings)
     k, proposal = 0, [int(t) for t in proposal or []]
-    if len(proposal) == GREEDY_TOKENS:
+    if len(proposal) == n:
         logits = ref_logits(lm, np.array([prompt + proposal[:-1]], np.int64))[0, len(prompt) - 1:]
         bad = first_disagreement(logits.argmax(-1), np.array(proposal))
         if bad is None:
-            return proposal, GREEDY_TOKENS
+            return proposal, n
         k = bad
-    return proposal[:k] + list(generate(lm, prompt + proposal[:k], GREEDY_TOKENS - k, do_sample=False)), k
+    return proposal[:k] + list(generate(lm, prompt + proposal[:k], n - k, do_sample=False)), k
 
 
 def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = print, seed: int = 0,
@@ -207,7 +217,7 @@ def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = pri
     if held_logits is None:
         laps("reference: held-out text (tokenized)")
     else:
-        laps(f"reference: held-out text sampled, with logits (proposal: {held_ok}/{HELD_LEN} positions accepted)"
+        laps(f"reference: held-out text sampled, with logits (proposal: {held_ok}/{held_ids.shape[1]} positions accepted)"
              if proposal is not None and proposal.held_ids is not None else "reference: held-out text sampled, with logits")
     batch_logits = ref_logits(lm, batch_ids)
     bar.advance(1, "reference: batch")
@@ -217,8 +227,8 @@ def expectations(lm: TableFreeLM, folder: Path, log: Callable[[str], None] = pri
     laps("reference: sequence logits")
     greedy, greedy_ok = reference_greedy(lm, prompt, proposal.greedy if proposal is not None else None)
     bar.advance(1, "reference: greedy")
-    laps(f"reference: greedy {GREEDY_TOKENS} tokens" +
-         (f" (proposal: {greedy_ok}/{GREEDY_TOKENS} accepted)" if proposal is not None else ""))
+    laps(f"reference: greedy {len(greedy)} tokens" +
+         (f" (proposal: {greedy_ok}/{len(greedy)} accepted)" if proposal is not None else ""))
     if held_logits is None:  # sampled text brought its logits along
         held_logits = ref_logits(lm, held_ids)
     bar.advance(1, "reference: held-out logits")

@@ -83,6 +83,7 @@ def export_graph(lm, work: Path, lift_mode: str, opset: int, stages: Stages, lif
     from graphs.lift import TABLE_MODE, attach_lift, check_no_vocab_table, table_initializer
     from graphs.optimize import add_logits_to_keep, fuse_rotary, name_dims, remove_dead
     from graphs.passes import name_nodes, name_weights, optimize
+    from graphs.rmsnorm import FUSED_OP, check_model_file, count_norms, fuse_rmsnorm
     from graphs.shape_free import static_reshapes
 
     from .trace import trace_body
@@ -107,6 +108,13 @@ def export_graph(lm, work: Path, lift_mode: str, opset: int, stages: Stages, lif
                             table=table)
         if lift_mode != TABLE_MODE:  # the invariant is waived for the baseline's table only (manifest: lift)
             check_no_vocab_table(proto, lm.cfg.vocab_size, lm.cfg.hidden_size)
+        if lm.cfg.norm_type == "rmsnorm":  # one node a norm; the passes below look for the final one
+            want = count_norms(lm.cfg.num_hidden_layers, lm.cfg.has_ln2)
+            fused = fuse_rmsnorm(proto, lm.cfg.hidden_size)
+            if fused != want:
+                raise ExportError(f"the RMSNorm fusion matched {fused} of the model's {want} norms in the traced graph "
+                                  f"(x * rsqrt(mean(x^2) + eps) * weight -> {FUSED_OP}); the tracer's output changed "
+                                  "shape (torch version?): export with the torch version in pyproject.toml")
         add_logits_to_keep(proto)  # prompts skip the vocabulary head on all but the last position
         # decode speed depends on the fusion: a miss is an error, not a slow artifact (whole-head RoPE only)
         if lm.cfg.rope_pairing == "rotate_half" and lm.cfg.rope_dim == lm.cfg.head_size:
@@ -120,7 +128,7 @@ def export_graph(lm, work: Path, lift_mode: str, opset: int, stages: Stages, lif
         remove_dead(proto.graph)  # what the passes above left unread (ORT warns about each at load)
         name_dims(proto)
         onnx.save(proto, str(path))
-        onnx.checker.check_model(str(path))
+        check_model_file(path)  # onnx.checker, told about ORT's SimplifiedLayerNormalization
     return path
 
 

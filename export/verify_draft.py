@@ -21,9 +21,9 @@ import numpy as np
 from reference.config import ModelConfig
 from runtime.interface import KV_MODEL_FILE
 
-from .floors import GREEDY_TOKENS
+from .floors import greedy_tokens
 from .gate_drivers import KvLM, OrtLM, positions
-from .gate_reference import HELD_LEN, Proposal, draw, gate_inputs, held_plan, heldout_text
+from .gate_reference import Proposal, draw, gate_inputs, held_len, held_plan, heldout_text
 
 PROPOSING_PRECISIONS = ("fp32", "fp16")
 
@@ -33,22 +33,24 @@ def propose(folder: Path, cfg: ModelConfig, providers: list[str], seed: int = 0)
     sampled, its sample with the same first tokens and noise (`held_plan`): all rows in one batch, one step at a time."""
     folder = Path(folder)
     prompt = gate_inputs(cfg.vocab_size, seed)[2]
-    sample = heldout_text(folder, cfg.vocab_size) is None
-    first, noise = held_plan(cfg.vocab_size) if sample else (np.zeros(0, np.int64), None)
+    # lengths as the reference's (both fit beside the prompt in the context: no row outgrows it)
+    n_greedy, n_held = greedy_tokens(cfg.max_position_embeddings), held_len(cfg.max_position_embeddings)
+    sample = heldout_text(folder, cfg.vocab_size, length=n_held) is None
+    first, noise = held_plan(cfg.vocab_size, n_held) if sample else (np.zeros(0, np.int64), None)
     rows = [prompt] + [[int(t)] for t in first]
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    step = _Stepper(folder, cfg, providers, rows, max(GREEDY_TOKENS, HELD_LEN), pad)
+    step = _Stepper(folder, cfg, providers, rows, max(n_greedy, n_held), pad)
     greedy, held = [], [list(r) for r in rows[1:]]
     last = step.last
-    while len(greedy) < GREEDY_TOKENS or (held and len(held[0]) < HELD_LEN):
+    while len(greedy) < n_greedy or (held and len(held[0]) < n_held):
         nxt = last.argmax(-1)
-        if held and len(held[0]) < HELD_LEN:
+        if held and len(held[0]) < n_held:
             nxt[1:] = draw(last[1:], noise[len(held[0]) - 1])
             for r, t in zip(held, nxt[1:]):
                 r.append(int(t))
-        if len(greedy) < GREEDY_TOKENS:
+        if len(greedy) < n_greedy:
             greedy.append(int(nxt[0]))
-        if len(greedy) < GREEDY_TOKENS or (held and len(held[0]) < HELD_LEN):
+        if len(greedy) < n_greedy or (held and len(held[0]) < n_held):
             last = step(nxt)
     del step  # the session's weights go before the reference loads
     return Proposal(greedy=greedy, held_ids=np.array(held, np.int64) if held else None)

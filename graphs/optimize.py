@@ -51,7 +51,8 @@ def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
     """Insert Slice(hidden, -logits_to_keep:) in front of the final norm; in place, returned.
 
     Finds the head as the node producing `logits` and the final norm as the norm node feeding it
-    (directly, or through the RMSNorm's elementwise tail); refuses a graph of another shape.
+    (directly, or through a norm bias Add); refuses a graph of another shape. A traced RMSNorm must
+    be fused first (graphs/rmsnorm.fuse_rmsnorm): its decomposition reads the hidden state twice.
     """
     g = model.graph
     if any(i.name == LOGITS_TO_KEEP for i in g.input):
@@ -65,15 +66,16 @@ def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
     head = heads[0]
     # walk back from the head's activation input to the first node that is still per position only
     node = prod.get(head.input[0])
-    seen = 0
-    while node is not None and node.op_type not in _NORMS and seen < 8:
-        # RMSNorm traced as Pow/ReduceMean/Add/Sqrt/Div/Mul: follow the first non-constant input
-        consts = {t.name for t in g.initializer}
+    between: list[onnx.NodeProto] = []  # the nodes from the norm to the head, whose lengths change too
+    consts = {t.name for t in g.initializer}
+    while node is not None and node.op_type not in _NORMS and len(between) < 8:
+        # a norm bias Add (RMSNorm's op has no bias input): follow the computed input
+        between.append(node)
         nxt = [i for i in node.input if i and i not in consts]
         node = prod.get(nxt[0]) if nxt else None
-        seen += 1
     if node is None or node.op_type not in _NORMS:
-        raise OptimizeError("no LayerNormalization found in front of the head; the final norm is not a fused op here")
+        raise OptimizeError(f"no final norm ({' / '.join(_NORMS)}) found in front of the head; a traced RMSNorm "
+                            "must be fused first (graphs.rmsnorm.fuse_rmsnorm)")
     hidden = node.input[0]
     kept = f"{PREFIX}/hidden"
     neg = f"{PREFIX}/start"
@@ -97,9 +99,14 @@ def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
         numpy_helper.from_array(np.array([1], np.int64), axes),
     ])
     g.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
-    stale = set(node.output)  # shapes inferred with seq positions; shape inference redoes them
-    for vi in [v for v in g.value_info if v.name in stale]:
-        g.value_info.remove(vi)
+    # these tensors now have logits_to_keep positions, not seq: keep their type, forget that length
+    # (not the whole entry: onnx shape inference cannot redo it after ORT's SimplifiedLayerNormalization,
+    # and the fp16 converter only casts tensors whose type it is told)
+    stale = {o for n in (node, *between) for o in n.output}
+    for vi in g.value_info:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in stale and len(dims) == 3:
+            dims[1].Clear()
     return model
 
 
