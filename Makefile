@@ -50,7 +50,7 @@ EVAL_TASKS := tablefree_mc tablefree_cloze tablefree_ppl tablefree_gen
 eval: setup
 	test -f $(DEMO_OUT)/manifest.json || $(BIN)/python -m export build --code arith --out $(DEMO_OUT)
 	$(BIN)/python -m evaluation --model tablefree-onnx --model_args path=$(DEMO_OUT) --tasks $(EVAL_TASKS)
-	$(BIN)/python benchmarks/compare.py --eval --twins
+	$(BIN)/python benchmarks/compare.py --eval --twins --json benchmarks/results/twins_eval.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
