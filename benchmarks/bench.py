@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import (CACHE, RESULTS, ROOT, THREADS, child_env, ensure_full_checkpoint, log, markdown_table,
+from common import (CACHE, RESULTS, ROOT, THREADS, child_env, cpu_info, ensure_full_checkpoint, log, markdown_table,
                     peak_rss_bytes, run_json, weight_bytes, write_json)
 
 CKPT = CACHE / "full-ckpt"
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     artifacts = {prec: ensure_artifact(prec, args.code) for prec in args.precisions}
     results: dict = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "artifact")},
                      "machine": {"cpu": platform.processor() or platform.machine(), "threads": THREADS,
-                                 "nproc": os.cpu_count()},
+                                 "nproc": os.cpu_count(), "cpu_info": cpu_info()},
                      "date": time.strftime("%Y-%m-%d %H:%M:%S"), "ort": {}}
     results["weight_bytes"] = {"checkpoint_fp32": weight_bytes(CKPT)}
     for prec, folder in artifacts.items():

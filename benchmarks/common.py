@@ -27,6 +27,28 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+# Instruction sets the CPU kernels pick paths by (MLAS int8 with VNNI, oneDNN bf16, AVX-512 GEMMs):
+# the same code is several times faster or slower across them, so every result names its CPU's.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """The CPU a result was measured on: model name, family/model, the ISA_FLAGS it has (Linux /proc/cpuinfo)."""
+    import platform
+
+    info: dict = {"arch": platform.machine(), "nproc": os.cpu_count()}
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
+    except OSError:
+        return info
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    info.update(model_name=fields.get("model name"), family=fields.get("cpu family"), model=fields.get("model"),
+                isa=[f for f in ISA_FLAGS if f in flags])
+    return info
+
+
 def log(msg: str) -> None:
     """Progress goes to stderr, so stdout holds only the table (or a worker's JSON line)."""
     print(msg, file=sys.stderr, flush=True)
