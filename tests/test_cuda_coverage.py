@@ -18,6 +18,10 @@ from onnx import TensorProto, helper
 
 from graphs.cuda_check import check_model, table_source
 
+# slow (six --provider cuda builds, ~2 min on 2 cores): CI runs it in `make test-slow`; every --provider cuda
+# build runs the same check in its gate
+pytestmark = pytest.mark.slow
+
 KINDS = [("arith", "fp32"), ("lookup", "fp32"), ("arith", "fp16"), ("lookup", "fp16"), ("arith", "int8"),
          ("arith", "int4")]
 SOURCE = table_source()

@@ -23,21 +23,16 @@ def demo_ref():
 
 
 @pytest.fixture(scope="module")
-def demo_artifacts(tmp_path_factory):
-    from export.build import build
+def demo_artifacts():
+    """mode -> the demo model's fp32 artifact, built once per test process (tests/demo.py: the front-end
+    and server tests read the same folders)."""
+    from demo import demo_artifact
 
-    root = tmp_path_factory.mktemp("demo")
-    cache = {}
-
-    def get(mode: str):
-        if mode not in cache:
-            cache[mode] = build(DEMO_MODEL_DIR, root / mode, lift_mode=mode, precision="fp32", log=lambda m: None)
-        return cache[mode]
-
-    return get
+    return demo_artifact
 
 
-@pytest.mark.parametrize("mode", I.LIFT_MODES)
+# arith in the quick suite; the other lifts (each exhaustively equal to SPEC in test_graph_lift) run in `make test-slow`
+@pytest.mark.parametrize("mode", [m if m == "arith" else pytest.param(m, marks=pytest.mark.slow) for m in I.LIFT_MODES])
 def test_demo_greedy_128_tokens_equal_reference(demo_artifacts, demo_ref, mode):
     from reference.generate import generate
 
@@ -60,6 +55,9 @@ def test_demo_batch_rows_equal_solo(demo_artifacts):
         assert row.ids == m.generate(prompt, max_new_tokens=48).ids
 
 
+# slow: the floors are also held on every quantized build of the tiny model (test_export) and by the demo GPTQ
+# int4 build (test_quantize_gptq); this is the trained model's second measure, run by `make test-slow`
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_demo_quantized_builds_meet_their_floors(tmp_path, precision):
     """The floors of export/floors.py hold on the trained model, with the runtime's own scoring as

@@ -116,6 +116,7 @@ def test_task_scores_equal_the_reference_scores(offline_run, reference):
         assert ref_text.startswith(got), (got, ref_text)
 
 
+@pytest.mark.slow
 def test_cli_wrapper_gives_the_same_scores(offline_run, demo_dir, tmp_path):
     _, out = offline_run
     cmd = [sys.executable, "-m", "evaluation", "--model", "tablefree-onnx", "--model_args", f"path={demo_dir},threads=1",

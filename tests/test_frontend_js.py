@@ -20,7 +20,7 @@ import pytest
 
 from jsfront import NEW_TOKENS, PROMPTS, demo_artifact, need, node, prompt_ids, runtime_ids
 
-MODES = ("arith", "bitwise", "lookup")
+MODES = ["arith", pytest.param("bitwise", marks=pytest.mark.slow), pytest.param("lookup", marks=pytest.mark.slow)]
 
 FIXED_TEXTS = [
     "ROMEO:",

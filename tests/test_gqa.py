@@ -280,7 +280,7 @@ def test_no_duplicated_weights(kv_fp32, tiny_artifacts):
     assert (kv_fp32 / KV_MODEL_FILE).stat().st_size < data.stat().st_size / 20
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", [pytest.param("int8", marks=pytest.mark.slow), "int4"])
 def test_quantized_matches_its_spec_graph(tiny_artifacts, tmp_path, precision):
     """Whatever the MatMuls became (MatMulNBits here), the rewrite finds the projections.
     Same weights, so the bound is fp32's; on the full-size model the int8 activations of
@@ -422,8 +422,9 @@ def test_rotary_positions_are_the_ones_the_attention_op_uses(interleaved):
     np.testing.assert_allclose(solo[1][0][:, :, :lens[0] + 4], solo[0][0][:, :, :lens[0] + 4], atol=1e-5)
 
 
-@pytest.mark.parametrize("over", [dict(rotary_dim=8), dict(rotary_dim=4, rope_pairing="interleaved"),
-                                  dict(num_attention_heads=8)])
+@pytest.mark.parametrize("over", [dict(rotary_dim=8),  # the other two layouts in `make test-slow`
+                                  pytest.param(dict(rotary_dim=4, rope_pairing="interleaved"), marks=pytest.mark.slow),
+                                  pytest.param(dict(num_attention_heads=8), marks=pytest.mark.slow)])
 def test_rotary_the_op_cannot_take_is_rotated_in_front_of_it(over, tmp_path, bvv241_dir):
     """Partial rotary (8 or 4 of 16 features) and whole heads of 8 (the op's rotary needs 16): the
     kv graph rotates with RotaryEmbedding before GroupQueryAttention (do_rotary=0), and computes

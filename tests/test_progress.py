@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 import export.progress as progress
 
 
@@ -30,6 +32,7 @@ def test_bar_is_silent_in_logs():
     assert out.getvalue() == ""
 
 
+@pytest.mark.slow
 def test_gate_total_matches_the_steps_taken(tiny_ckpt, tmp_path, monkeypatch):
     seen = {}
 

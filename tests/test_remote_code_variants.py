@@ -86,6 +86,7 @@ def assert_artifact_matches_folder(out: Path, folder: Path) -> None:
     assert model.generate([int(t) for t in ids[0, :5]], max_new_tokens=16).ids == seq[5:]
 
 
+@pytest.mark.slow
 def test_parallel_residual_folder_exports_and_matches_its_code(tmp_path, bvv241_dir):
     """config.json omits use_parallel_residual (the code's default is True): the search finds it."""
     folder = make_folder(tmp_path / "neox_parallel", bvv241_dir, rotary_pct=1.0)
@@ -193,6 +194,7 @@ def make_gptj_folder(folder: Path, tokenizer_dir: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_gptj_style_folder_exports_and_matches_its_code(tmp_path, bvv241_dir):
     """One-norm parallel block (recognised from the tensors: no ln2), interleaved partial RoPE, scaled +-1 code."""
     folder = make_gptj_folder(tmp_path / "gptj", bvv241_dir)

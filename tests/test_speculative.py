@@ -127,6 +127,7 @@ def _process(logits: np.ndarray, temperature: float, top_k: int) -> np.ndarray:
     return p / p.sum()
 
 
+@pytest.mark.slow
 def test_sampled_distribution_is_unchanged(model, poisoned_rollback):
     """The first 3 tokens of many seeded speculative runs against their exact law from model.onnx."""
     prompt = model.encode("the king, the king, the king, the king, the")

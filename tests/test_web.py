@@ -112,7 +112,8 @@ def _serve(folder: Path) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-@pytest.mark.parametrize("mode", ["arith", "bitwise", "lookup"])
+@pytest.mark.parametrize("mode", ["arith", pytest.param("bitwise", marks=pytest.mark.slow),
+                                  pytest.param("lookup", marks=pytest.mark.slow)])
 def test_page_in_headless_chromium_streams_the_runtime_tokens(browser_env, mode):
     import runtime
 
