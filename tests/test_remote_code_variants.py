@@ -101,6 +101,7 @@ def test_parallel_residual_folder_exports_and_matches_its_code(tmp_path, bvv241_
     assert_artifact_matches_folder(out, folder)
 
 
+@pytest.mark.slow  # tests/test_remote_code_partial_rotary.py covers a partial-rotary folder in the quick suite
 def test_partial_rotary_folder_exports_and_matches_its_code(tmp_path, bvv241_dir):
     """config.json omits rotary_pct (the code's default 0.25) and names the base as NeoX does."""
     folder = make_folder(tmp_path / "neox_rotary", bvv241_dir, use_parallel_residual=False, rotary_emb_base=500)
