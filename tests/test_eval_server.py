@@ -11,8 +11,6 @@ very same windows (docs/evaluation.md).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -25,27 +23,13 @@ from evaluation import TASK_NAMES, TASKS_DIR  # noqa: E402
 from evaluation.lmeval import TableFreeONNX  # noqa: E402
 from runtime.serve.app import create_app  # noqa: E402
 from runtime.serve.background import BackgroundServer  # noqa: E402
-from test_eval import reference_loglikelihood  # noqa: E402  (one oracle for both lm-eval paths)
+# one oracle and the same fixtures (the demo artifact, the reference model) for both lm-eval paths
+from test_eval import demo_dir, reference, reference_loglikelihood  # noqa: E402,F401
 
-ROOT = Path(__file__).resolve().parent.parent
 NAME = "demo"
 CONTEXT = 256  # the demo model's max_position_embeddings
 LIMIT = 24  # documents per task: every request kind, in well under a minute per path
 API_WINDOW = CONTEXT - 2  # lm-eval's API models: max_length - 1 per request, rolling windows of max_length - 2
-
-
-@pytest.fixture(scope="module")
-def demo_dir() -> Path:
-    from demo import demo_artifact
-
-    return demo_artifact("arith")
-
-
-@pytest.fixture(scope="module")
-def reference():
-    from reference.checkpoint import load_model
-
-    return load_model(ROOT / "models" / "shakespeare").eval()
 
 
 def _evaluate(lm) -> dict:
